@@ -1,0 +1,4 @@
+"""Pure-PyTorch float64 implementations used to validate lco_kernels. Not shipped."""
+from .lco import lco_loss_reference, lco_rows_closed_form, reduce_rows
+
+__all__ = ["lco_loss_reference", "lco_rows_closed_form", "reduce_rows"]

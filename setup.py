@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lco-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for the Logits Convex Optimization (LCO) loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lco_kernels", "lco_kernels.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "triton>=3.0"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+    },
+)
