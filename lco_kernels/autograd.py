@@ -52,10 +52,10 @@ class LCOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, labels_flat, alpha, lse_excl, n_valid = ctx.saved_tensors
         if ctx.inplace_backward and ctx.gradient_written:
             raise RuntimeError("lco_loss(inplace_backward=True): the first backward overwrote the logits "
                                "with their gradient, so this graph cannot be differentiated again")
+        logits, labels_flat, alpha, lse_excl, n_valid = ctx.saved_tensors
         if ctx.reduction == "none":
             weight = grad_output.reshape(-1)
         elif ctx.reduction == "sum":

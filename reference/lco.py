@@ -50,7 +50,7 @@ def lco_loss_reference(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9,
         clamped = rho * p_i >= 1                              # no finite Δz: one-hot target
         dz = torch.log(rho) + torch.log((1 - p_i) / (1 - rho * p_i))          # eq. 15
         dz = torch.where(clamped | only_option, 0.0, dz)
-        target = torch.softmax(zd + dz[:, None] * onehot, dim=-1)            # eq. 14, 16
+        target = torch.softmax(zd + torch.where(onehot, dz[:, None], 0.0), dim=-1)  # eq. 14, 16
         target = torch.where(clamped[:, None], onehot.double(), target)
         target = torch.where(only_option[:, None], log_pi.detach().exp(), target)
 
@@ -72,9 +72,12 @@ def lco_rows_closed_form(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9
     z_i = z.gather(1, idx)[:, 0]
     z_excl = z.scatter(1, idx, -torch.inf)
     lse_excl = torch.logsumexp(z_excl, dim=-1)
-    lse = torch.logaddexp(lse_excl, z_i)
-    log_p = z_i - lse
-    log_1mp = lse_excl - lse
+    # log p_i = z_i − lse and log(1 − p_i) = lse_excl − lse, written as −softplus(∓d) so that the
+    # one close to 0 keeps its digits (z_i − lse rounds to 0 once d > 37 in float64).
+    d = z_i - lse_excl
+    zero = torch.zeros_like(d)
+    log_p = -torch.logaddexp(zero, -d)
+    log_1mp = -torch.logaddexp(zero, d)
     p = log_p.exp()
     rho = torch.where(adv > 0, rho_pos, rho_neg).double()
     t = torch.clamp(rho * p, max=1.0)

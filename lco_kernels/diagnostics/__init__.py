@@ -1,0 +1,1 @@
+"""Tools that measure the kernels without a GPU: interpreter traffic counts and AOT compile reports."""

@@ -1,0 +1,58 @@
+"""Kernel structure (SPEC §3), counted under the Triton interpreter: launches and bytes moved."""
+import os
+
+import pytest
+import torch
+
+from helpers import make_inputs
+from lco_kernels import lco_loss
+from lco_kernels.diagnostics.traffic import count_traffic, summarize
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="traffic is counted by the Triton interpreter (CPU runs)")
+
+SIDE_BYTES_PER_ROW = 64  # labels, advantages, loss, alpha, lse_excl, coef: O(N), a few scalars per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_backward_moves_three_NV_in_two_launches(dtype, inplace, reduction):
+    B, T, V = 2, 4, 9001
+    logits, labels, adv = make_inputs((B, T), V, dtype, ignore_frac=0.0, zero_adv_frac=0.0)
+    x = logits.clone().requires_grad_(True)
+    y = x * 1.0
+    with count_traffic() as launches:
+        loss = lco_loss(y, labels, adv, reduction=reduction, inplace_backward=inplace, backend="triton")
+        loss.backward(torch.ones_like(loss))
+    stats = summarize(launches, B * T, V, logits.element_size())
+    assert [l.kernel for l in launches] == ["_lco_forward_kernel", "_lco_backward_kernel"]
+    assert stats["launches"] == 2
+    assert stats["vocab_elements_per_NV"] == 3.0   # read, read, write: SPEC's bound, met exactly
+    assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW
+    assert stats["unattributed_bytes"] == 0
+    written = "grad_ptr+logits_ptr" if inplace else "grad_ptr"
+    assert launches[1].stored[written] == B * T * V * logits.element_size()
+
+
+def test_forward_alone_reads_once():
+    logits, labels, adv = make_inputs((6,), 3000, torch.float32, ignore_frac=0.0)
+    with count_traffic() as launches, torch.no_grad():
+        lco_loss(logits, labels, adv, backend="triton")
+    stats = summarize(launches, 6, 3000, 4)
+    assert stats["launches"] == 1 and stats["vocab_elements_per_NV"] == 1.0
+
+
+def test_rows_without_gradient_do_not_read_logits():
+    """Ignored rows are never read; rows with Ψ = 0 are read once (forward) and only written after."""
+    V = 2000
+    logits, labels, adv = make_inputs((8,), V, torch.float32, ignore_frac=0.0, zero_adv_frac=0.0)
+    labels[:2] = -100
+    adv[2:4] = 0.0
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        lco_loss(x, labels, adv, backend="triton").backward()
+    fwd, bwd = launches
+    assert fwd.loaded["logits_ptr"] == 6 * V * 4
+    assert bwd.loaded["logits_ptr"] == 4 * V * 4
+    assert bwd.stored["grad_ptr"] == 8 * V * 4

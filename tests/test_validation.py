@@ -1,0 +1,70 @@
+"""Bad input raises ValueError / TypeError naming the argument, before any kernel runs (SPEC §2)."""
+import pytest
+import torch
+
+from conftest import BACKENDS
+from lco_kernels import LCOLoss, lco_loss
+from lco_kernels.diagnostics.traffic import count_traffic
+
+
+def good(device="cpu"):
+    return torch.randn(2, 3, 10, device=device), torch.randint(0, 10, (2, 3), device=device), torch.randn(2, 3, device=device)
+
+
+CASES = [
+    ("label out of range", lambda z, l, a: (z, l.index_fill(1, torch.tensor([1]), 10), a), {}, ValueError, "labels"),
+    ("negative label", lambda z, l, a: (z, l.index_fill(1, torch.tensor([0]), -5), a), {}, ValueError, "labels"),
+    ("labels shape", lambda z, l, a: (z, l[:, :2], a), {}, ValueError, "labels"),
+    ("float labels", lambda z, l, a: (z, l.float(), a), {}, TypeError, "labels"),
+    ("int logits", lambda z, l, a: (z.long(), l, a), {}, TypeError, "logits"),
+    ("logits not a tensor", lambda z, l, a: (z.tolist(), l, a), {}, TypeError, "logits"),
+    ("empty vocabulary", lambda z, l, a: (z[..., :0], l, a), {}, ValueError, "logits"),
+    ("advantages shape", lambda z, l, a: (z, l, torch.randn(3, 2)), {}, ValueError, "advantages"),
+    ("advantages too big", lambda z, l, a: (z, l, torch.randn(4, 2, 3)), {}, ValueError, "advantages"),
+    ("advantages type", lambda z, l, a: (z, l, "1.0"), {}, TypeError, "advantages"),
+    ("rho_pos < 1", None, {"rho_pos": 0.9}, ValueError, "rho_pos"),
+    ("rho_pos nan", None, {"rho_pos": float("nan")}, ValueError, "rho_pos"),
+    ("rho_neg > 1", None, {"rho_neg": 1.5}, ValueError, "rho_neg"),
+    ("rho_neg < 0", None, {"rho_neg": -0.1}, ValueError, "rho_neg"),
+    ("rho_neg type", None, {"rho_neg": "0.9"}, TypeError, "rho_neg"),
+    ("reduction", None, {"reduction": "avg"}, ValueError, "reduction"),
+    ("backend", None, {"backend": "cuda"}, ValueError, "backend"),
+    ("ignore_index type", None, {"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ("inplace type", None, {"inplace_backward": 1}, TypeError, "inplace_backward"),
+    ("float64 on triton", lambda z, l, a: (z.double(), l, a), {"backend": "triton"}, TypeError, "triton"),
+]
+
+
+@pytest.mark.parametrize("name,transform,kwargs,error,match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, transform, kwargs, error, match):
+    z, l, a = good()
+    if transform is not None:
+        z, l, a = transform(z, l, a)
+    with count_traffic() as launches, pytest.raises(error, match=match):
+        lco_loss(z, l, a, **kwargs)
+    assert launches == [], "validation must happen before any kernel runs"
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="rho_pos"):
+        LCOLoss(rho_pos=0.5)
+    with pytest.raises(ValueError, match="reduction"):
+        LCOLoss(reduction="batchmean")
+
+
+def test_device_mismatch_meta():
+    """Devices are compared before anything is computed (the meta device stands in for a GPU here)."""
+    z, l, a = good()
+    with pytest.raises(ValueError, match="labels"):
+        lco_loss(z, l.to("meta"), a)
+    with pytest.raises(ValueError, match="advantages"):
+        lco_loss(z, l, a.to("meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_edge_values_are_accepted(backend):
+    z, l, a = good()
+    l[0, 0] = 9
+    l[1, 2] = -100
+    for rho_pos, rho_neg in ((1.0, 0.0), (1.0, 1.0), (100.0, 0.5)):
+        assert torch.isfinite(lco_loss(z, l, a, rho_pos=rho_pos, rho_neg=rho_neg, backend=backend))
