@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lco_kernels", "lco_kernels.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],

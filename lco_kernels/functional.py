@@ -1,34 +1,132 @@
-"""The functional API: ``lco_loss`` (SPEC §2)."""
+"""The functional API: every policy loss through one vocabulary kernel (SPEC §2, issue "loss family").
+
+All losses share the conventions of ``lco_loss``: ``(logits, labels, ...)`` with logits (..., V)
+and labels (...); keyword-only options ``ignore_index``, ``reduction``, ``loss_mask``,
+``max_length``, ``inplace_backward``, ``backend`` and ``return_stats``:
+
+    reduction: "mean" (over valid tokens, 0.0 when none) | "sum" | "none" (labels' shape) |
+        "seq-mean-token-mean" (GRPO) | "seq-mean-token-sum" | "seq-mean-token-sum-norm" (Dr. GRPO:
+        the sum over ``max_length``, default labels.shape[-1]) | "sign-mean" (mean over Ψ > 0
+        tokens + mean over Ψ < 0 tokens). Sequences are the last dimension of ``labels``.
+    loss_mask: labels-shaped; tokens where it is 0/False count as ignored (as ``ignore_index``).
+    inplace_backward: the backward writes the gradient into the logits' storage (no N×V buffer).
+        Only when nothing else reads those logits after this loss: their values are gone after
+        backward, and the graph cannot be differentiated twice.
+    backend: "auto" (Triton for CUDA; for CPU the PyTorch backend, or the Triton interpreter when
+        TRITON_INTERPRET=1), "triton" or "torch".
+    return_stats: also return a ``TokenStats`` of per-token log-probs, entropy, logit-gradient
+        norm, and (per loss) target probability / clamped / clipped flags, from the same sweep.
+
+Losses are float32 (float64 for float64 logits with backend="torch").
+"""
 import torch
 
 from . import torch_backend, triton_kernels
-from ._validation import (check_backend_dtype, check_labels_in_range, check_options, check_tensors,
-                          _TRITON_DTYPES)
-from .autograd import LCOFunction
+from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_common, check_labels_in_range,
+                          check_logits_labels, check_rho, per_token)
+from .autograd import PolicyLossFunction
+from .losses import Loss, LossSpec
+from .reductions import token_weights
+from .stats import TokenStats
 
 
 def triton_runs_on_cpu() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1: its kernels then run on CPU tensors."""
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(triton_kernels._lco_forward_kernel, InterpretedFunction)
+    return isinstance(triton_kernels._policy_forward_kernel, InterpretedFunction)
 
 
 def resolve_backend(backend, logits):
     """The backend module for ``backend`` ("auto" | "triton" | "torch") and these logits."""
+    triton_ok = logits.is_cuda or (logits.device.type == "cpu" and triton_runs_on_cpu())
     if backend == "auto":
-        triton_ok = logits.is_cuda or (logits.device.type == "cpu" and triton_runs_on_cpu())
-        backend = "triton" if triton_ok and logits.dtype in _TRITON_DTYPES else "torch"
+        backend = "triton" if triton_ok and logits.dtype in TRITON_DTYPES else "torch"
     if backend == "torch":
         return torch_backend
     check_backend_dtype(backend, logits.dtype)
-    if not (logits.is_cuda or (logits.device.type == "cpu" and triton_runs_on_cpu())):
+    if not triton_ok:
         raise ValueError(f"backend='triton' needs CUDA tensors (logits are on {logits.device}), or "
                          "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
     return triton_kernels
 
 
-def lco_loss(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9, ignore_index=-100,
-             reduction="mean", inplace_backward=False, backend="auto") -> torch.Tensor:
+def _policy_loss(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index,
+                 reduction, loss_mask, max_length, inplace_backward, backend, return_stats):
+    check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=inplace_backward,
+                 backend=backend, return_stats=return_stats, max_length=max_length)
+    check_logits_labels(logits, labels)
+    if advantages is None:
+        advantages = torch.ones(labels.shape, device=labels.device)
+    advantages = per_token("advantages", advantages, labels)
+    if spec.has_old:
+        old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False)
+    if spec.has_ref:
+        ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False)
+    if loss_mask is not None:
+        labels = labels.masked_fill(per_token("loss_mask", loss_mask, labels, allow_number=False) == 0, ignore_index)
+    impl = resolve_backend(backend, logits)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+
+    if max_length is None:
+        max_length = labels.shape[-1] if labels.dim() else 1
+    weights = token_weights(labels != ignore_index, advantages, reduction, max_length)
+    loss, stats = PolicyLossFunction.apply(logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
+                                           int(ignore_index), inplace_backward, impl, return_stats)
+    if return_stats:
+        return loss, TokenStats.from_rows(stats, labels.shape, spec)
+    return loss
+
+
+def sft_loss(logits, labels, *, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+             inplace_backward=False, backend="auto", return_stats=False):
+    """Cross-entropy −log p_i per token."""
+    return _policy_loss(LossSpec(Loss.SFT), logits, labels, ignore_index=ignore_index, reduction=reduction,
+                        loss_mask=loss_mask, max_length=max_length, inplace_backward=inplace_backward,
+                        backend=backend, return_stats=return_stats)
+
+
+def pg_loss(logits, labels, advantages, *, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+            inplace_backward=False, backend="auto", return_stats=False):
+    """REINFORCE: −Ψ·log p_i per token."""
+    return _policy_loss(LossSpec(Loss.PG), logits, labels, advantages, ignore_index=ignore_index,
+                        reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                        inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
+
+
+def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None,
+             ref_logprobs=None, beta=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+             inplace_backward=False, backend="auto", return_stats=False):
+    """PPO / GRPO clipped surrogate (PG-IS), as verl writes it.
+
+    r = exp(clamp(log p_i − old_logprobs, ±20)); L = max(−Ψ·r, −Ψ·clip(r, 1 − ε_low, 1 + ε_high))
+    (DAPO's clip-higher: ε_high > ε_low); with ``dual_clip`` = c, Ψ < 0 tokens are capped at −Ψ·c.
+    With ``ref_logprobs`` and ``beta`` > 0, GRPO's k3 KL β·(e^x − x − 1), x = ref − log p_i
+    (clamped at 10), is added per token.
+    """
+    check_clip(epsilon_low, epsilon_high, dual_clip, beta)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
+    spec = LossSpec(Loss.PPO, epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+                    dual_clip=None if dual_clip is None else float(dual_clip), beta=float(beta), has_old=True,
+                    has_ref=ref_logprobs is not None and beta > 0)
+    return _policy_loss(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                        reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                        inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
+
+
+def cispo_loss(logits, labels, advantages, old_logprobs, *, epsilon_high=0.2, ignore_index=-100, reduction="mean",
+               loss_mask=None, max_length=None, inplace_backward=False, backend="auto", return_stats=False):
+    """CISPO: −sg(min(r, 1 + ε_high))·Ψ·log p_i, r = p_i / p_old: the weight is capped, never the gradient."""
+    check_clip(epsilon_high=epsilon_high)
+    spec = LossSpec(Loss.CISPO, epsilon_high=float(epsilon_high), has_old=True)
+    return _policy_loss(spec, logits, labels, advantages, old_logprobs, ignore_index=ignore_index,
+                        reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                        inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
+
+
+def lco_loss(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9, old_logprobs=None, epsilon_low=0.2,
+             epsilon_high=0.2, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+             inplace_backward=False, backend="auto", return_stats=False) -> torch.Tensor:
     """Logits Convex Optimization loss (paper §4.2): |Ψ|·KL(π' ‖ π) per token, fused.
 
     Args:
@@ -37,20 +135,18 @@ def lco_loss(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9, ignore_ind
         advantages: Ψ, broadcastable to ``labels.shape`` (per token, or (B, 1) per sequence).
         rho_pos: target ratio π'_i / p_i for Ψ > 0 (≥ 1); where ρ·p_i ≥ 1 the target is one-hot.
         rho_neg: target ratio for Ψ < 0, in [0, 1].
-        reduction: "mean" over non-ignored tokens (0.0 when none), "sum", or "none" (labels' shape).
-        inplace_backward: the backward writes the gradient into the logits' storage (no N×V
-            buffer). Only when nothing else reads those logits after this loss: their values
-            are gone after backward, and the graph cannot be differentiated twice.
-        backend: "auto" (Triton for CUDA; for CPU the PyTorch backend, or the Triton
-            interpreter when TRITON_INTERPRET=1), "triton" or "torch".
+        old_logprobs: PPO+LCO. A token whose ratio r = p_i / p_old has already left the trust
+            region in the direction its advantage pushes (r > 1 + ε_high with Ψ > 0,
+            r < 1 − ε_low with Ψ < 0) gets zero loss and gradient, as PPO's clipped tokens.
+        (the other options: see this module's docstring)
 
     Returns:
-        float32 loss (float64 for float64 logits): a scalar, or labels' shape for "none".
+        the loss (a scalar, or labels' shape for "none"); with return_stats, (loss, TokenStats).
     """
-    check_options(rho_pos=rho_pos, rho_neg=rho_neg, ignore_index=ignore_index, reduction=reduction,
-                  inplace_backward=inplace_backward, backend=backend)
-    advantages = check_tensors(logits, labels, advantages)
-    impl = resolve_backend(backend, logits)
-    check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    return LCOFunction.apply(logits, labels, advantages, float(rho_pos), float(rho_neg), int(ignore_index),
-                             reduction, inplace_backward, impl)
+    check_rho(rho_pos, rho_neg)
+    check_clip(epsilon_low, epsilon_high)
+    spec = LossSpec(Loss.LCO, rho_pos=float(rho_pos), rho_neg=float(rho_neg), epsilon_low=float(epsilon_low),
+                    epsilon_high=float(epsilon_high), has_old=old_logprobs is not None)
+    return _policy_loss(spec, logits, labels, advantages, old_logprobs, ignore_index=ignore_index,
+                        reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                        inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)

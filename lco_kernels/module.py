@@ -1,7 +1,7 @@
 """``LCOLoss``: the nn.Module form of ``lco_loss``."""
 from torch import nn
 
-from ._validation import check_options
+from ._validation import check_common, check_rho
 from .functional import lco_loss
 
 
@@ -11,8 +11,9 @@ class LCOLoss(nn.Module):
     def __init__(self, rho_pos=1.8, rho_neg=0.9, ignore_index=-100, reduction="mean",
                  inplace_backward=False, backend="auto"):
         super().__init__()
-        check_options(rho_pos=rho_pos, rho_neg=rho_neg, ignore_index=ignore_index, reduction=reduction,
-                      inplace_backward=inplace_backward, backend=backend)
+        check_rho(rho_pos, rho_neg)
+        check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=inplace_backward,
+                     backend=backend, return_stats=False, max_length=None)
         self.rho_pos = rho_pos
         self.rho_neg = rho_neg
         self.ignore_index = ignore_index

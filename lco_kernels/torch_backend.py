@@ -1,87 +1,98 @@
 """The PyTorch backend: the same two sweeps as the Triton kernels, vectorised over chunks of rows.
 
 It has the Triton launchers' interface (``forward_rows`` / ``backward_rows`` on a (B, T, V) view)
-and the same scalar head, written with torch ops. Its extra memory is one chunk of about
-``_CHUNK_ELEMENTS`` logits (plus the temporaries of one ``logsumexp`` on it), never N×V.
+and the same scalar heads (torch_heads.py). Its extra memory is one chunk of about
+``_CHUNK_ELEMENTS`` logits plus the temporaries of the reductions over it, never N×V.
 Computation is in fp32, or fp64 for fp64 logits (used by gradcheck).
 """
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per chunk of rows
+from .losses import Loss, LossSpec
+from .torch_heads import policy_head, softplus
+
+_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk of rows
 
 
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(logits3d):
-    """Yield (seq, pos0, pos1, row0): the rows logits3d[seq, pos0:pos1] are flat rows row0…"""
+def _chunk_buffer(logits3d):
     B, T, V = logits3d.shape
-    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    rows = max(1, min(B * T, _CHUNK_ELEMENTS // V))
+    return torch.empty(rows, V, dtype=_compute_dtype(logits3d.dtype), device=logits3d.device)
+
+
+def _row_chunks(logits3d, rows_per_chunk):
+    """Yield (rows, view): flat row indices ``rows`` (a slice) and the logits view holding them."""
+    B, T, V = logits3d.shape
     for seq in range(B):
-        for pos0 in range(0, T, step):
-            pos1 = min(T, pos0 + step)
-            yield seq, pos0, pos1, seq * T + pos0
+        for pos0 in range(0, T, rows_per_chunk):
+            pos1 = min(T, pos0 + rows_per_chunk)
+            yield slice(seq * T + pos0, seq * T + pos1), logits3d[seq, pos0:pos1]
 
 
-def _softplus(x):
-    # log(1 + e^x) without overflow and with e^x's digits for very negative x (as in the kernel).
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
-
-
-def lco_head(d, adv, rho_pos, rho_neg):
-    """(loss, alpha) per row from d = log p_i − log(1 − p_i); the torch twin of triton_kernels._lco_head."""
-    log_p = -_softplus(-d)
-    log_1mp = -_softplus(d)
-    p = torch.exp(log_p)
-    rho = torch.where(adv > 0, rho_pos, rho_neg).to(d.dtype)
-    abs_adv = adv.abs()
-    log_rho = torch.log(rho)
-    clamped = (rho > 1) & (log_rho + log_p >= 0)
-    delta = torch.where(rho > 1, torch.log1p((1 - rho) * torch.exp(d)), _softplus(torch.log(1 - rho) + d))
-    t = torch.where(clamped, 1.0, rho * p)
-    kl_sampled = torch.where(clamped, -log_p, torch.where(t > 0, t * log_rho, 0.0))
-    kl_rest = torch.where(clamped, 0.0, torch.exp(log_1mp + delta) * delta)
-    alpha = abs_adv * torch.where(clamped, torch.exp(log_1mp), (rho - 1) * p)
-    return abs_adv * (kl_sampled + kl_rest), alpha
-
-
-def forward_rows(logits3d, labels, advantages, rho_pos, rho_neg, ignore_index):
-    """Per-row (loss, alpha, lse_excl) for a (B, T, V) logits view."""
+def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec: LossSpec, ignore_index,
+                 with_stats):
+    """Per-row (loss, alpha, lse_excl, stats or None); see triton_kernels.forward_rows."""
     B, T, V = logits3d.shape
+    n = B * T
     cdt = _compute_dtype(logits3d.dtype)
     dev = logits3d.device
-    n = B * T
     z_i = torch.empty(n, dtype=cdt, device=dev)
     lse_excl = torch.empty(n, dtype=cdt, device=dev)
+    h_excl = torch.empty(n, dtype=cdt, device=dev) if with_stats else None      # entropy of p̃
+    sum_sq = torch.empty(n, dtype=cdt, device=dev) if with_stats else None      # Σ_{j≠i} p̃_j²
     valid = labels != ignore_index
-    idx = torch.where(valid, labels, 0).long()[:, None]
-    buf = torch.empty(min(n, max(1, _CHUNK_ELEMENTS // max(V, 1))), V, dtype=cdt, device=dev)
-    for seq, pos0, pos1, row0 in _row_chunks(logits3d):
-        rows = slice(row0, row0 + pos1 - pos0)
-        z = buf[: pos1 - pos0]
-        z.copy_(logits3d[seq, pos0:pos1])
+    idx = labels.clamp(0, V - 1)[:, None]  # ignored rows: any column, their results are discarded
+    buf = _chunk_buffer(logits3d)
+    for rows, view in _row_chunks(logits3d, buf.shape[0]):
+        z = buf[: view.shape[0]]
+        z.copy_(view)
         z_i[rows] = z.gather(1, idx[rows])[:, 0]
         z.scatter_(1, idx[rows], -torch.inf)
         torch.logsumexp(z, dim=1, out=lse_excl[rows])
-    loss, alpha = lco_head(z_i - lse_excl, advantages.to(cdt), rho_pos, rho_neg)
-    zero = ~valid | torch.isneginf(lse_excl)
-    return torch.where(zero, 0.0, loss), torch.where(zero, 0.0, alpha), lse_excl
+        if with_stats:
+            log_pt = z - lse_excl[rows, None]                       # log p̃ (−inf where masked)
+            pt = log_pt.exp()
+            h_excl[rows] = -torch.where(pt > 0, pt * log_pt, 0.0).sum(dim=1)
+            sum_sq[rows] = (pt * pt).sum(dim=1)
+
+    d = z_i - lse_excl
+    adv = advantages.to(cdt)
+    old = old_logprobs.to(cdt) if spec.has_old else None
+    ref = ref_logprobs.to(cdt) if spec.has_ref else None
+    loss, alpha, target, clamped, clipped = policy_head(d, adv, old, ref, spec)
+    only_option = torch.isneginf(lse_excl)
+    zero = ~valid | (only_option if spec.kind == Loss.LCO else torch.zeros_like(valid))
+    loss = torch.where(zero, 0.0, loss)
+    alpha = torch.where(zero, 0.0, alpha)
+    stats = None
+    if with_stats:
+        log_p, log_1mp = -softplus(-d), -softplus(d)
+        p, one_minus_p = log_p.exp(), log_1mp.exp()
+        h = torch.where(only_option, 0.0, h_excl)
+        entropy = (torch.where(p > 0, -p * log_p, 0.0) + torch.where(one_minus_p > 0, -one_minus_p * log_1mp, 0.0)
+                   + one_minus_p * h)
+        grad_norm = alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, sum_sq))
+        target = torch.where(only_option, 1.0, target)
+        stats = torch.stack([
+            torch.where(valid, log_p, 0.0), torch.where(valid, entropy, 0.0), grad_norm,
+            torch.where(valid, target, 0.0), (valid & clamped).to(cdt), (valid & clipped).to(cdt),
+        ]).to(torch.float32 if cdt == torch.float32 else cdt)
+    return loss, alpha, lse_excl, stats
 
 
 def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
     """Write coef·p̃ (and −coef at the label) into ``grad3d``, which may be ``logits3d`` itself."""
-    B, T, V = logits3d.shape
-    cdt = _compute_dtype(logits3d.dtype)
-    n = B * T
-    idx = labels.clamp(0, V - 1).long()[:, None]  # ignored rows have coef = 0: any column will do
+    V = logits3d.shape[-1]
+    idx = labels.clamp(0, V - 1)[:, None]  # rows with coef = 0 (ignored ones) are zeroed below
     active = coef != 0
-    buf = torch.empty(min(n, max(1, _CHUNK_ELEMENTS // max(V, 1))), V, dtype=cdt, device=logits3d.device)
-    for seq, pos0, pos1, row0 in _row_chunks(logits3d):
-        rows = slice(row0, row0 + pos1 - pos0)
-        g = buf[: pos1 - pos0]
-        g.copy_(logits3d[seq, pos0:pos1])
+    buf = _chunk_buffer(logits3d)
+    for (rows, view), (_, out) in zip(_row_chunks(logits3d, buf.shape[0]), _row_chunks(grad3d, buf.shape[0])):
+        g = buf[: view.shape[0]]
+        g.copy_(view)
         g.sub_(lse_excl[rows, None]).exp_().mul_(coef[rows, None])
         g.scatter_(1, idx[rows], -coef[rows, None])
         g.masked_fill_(~active[rows, None], 0.0)
-        grad3d[seq, pos0:pos1].copy_(g)
+        out.copy_(g)

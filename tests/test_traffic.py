@@ -26,7 +26,7 @@ def test_forward_backward_moves_three_NV_in_two_launches(dtype, inplace, reducti
         loss = lco_loss(y, labels, adv, reduction=reduction, inplace_backward=inplace, backend="triton")
         loss.backward(torch.ones_like(loss))
     stats = summarize(launches, B * T, V, logits.element_size())
-    assert [l.kernel for l in launches] == ["_lco_forward_kernel", "_lco_backward_kernel"]
+    assert [l.kernel for l in launches] == ["_policy_forward_kernel", "_policy_backward_kernel"]
     assert stats["launches"] == 2
     assert stats["vocab_elements_per_NV"] == 3.0   # read, read, write: SPEC's bound, met exactly
     assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW
@@ -56,3 +56,23 @@ def test_rows_without_gradient_do_not_read_logits():
     assert fwd.loaded["logits_ptr"] == 6 * V * 4
     assert bwd.loaded["logits_ptr"] == 4 * V * 4
     assert bwd.stored["grad_ptr"] == 8 * V * 4
+
+
+@pytest.mark.parametrize("loss", ["lco", "ppo+kl"])
+def test_stats_come_from_the_same_sweep(loss):
+    """return_stats adds O(N) stores, not a pass over the logits."""
+    from lco_kernels import ppo_loss
+    B, T, V = 2, 3, 5000
+    logits, labels, adv = make_inputs((B, T), V, torch.bfloat16, ignore_frac=0.0, zero_adv_frac=0.0)
+    old = torch.randn(B, T) - 8
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        if loss == "lco":
+            out, _ = lco_loss(x, labels, adv, backend="triton", return_stats=True)
+        else:
+            out, _ = ppo_loss(x, labels, adv, old, ref_logprobs=old, beta=0.1, backend="triton", return_stats=True)
+        out.backward()
+    stats = summarize(launches, B * T, V, 2)
+    assert stats["launches"] == 2
+    assert stats["vocab_elements_per_NV"] <= 3.0
+    assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW + 4 * 8  # + the stats rows and ref/old log-probs

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import BACKENDS
-from lco_kernels import LCOLoss, lco_loss
+from lco_kernels import LCOLoss, cispo_loss, lco_loss, ppo_loss
 from lco_kernels.diagnostics.traffic import count_traffic
 
 
@@ -43,6 +43,30 @@ def test_bad_input(name, transform, kwargs, error, match):
     with count_traffic() as launches, pytest.raises(error, match=match):
         lco_loss(z, l, a, **kwargs)
     assert launches == [], "validation must happen before any kernel runs"
+
+
+FAMILY_CASES = [
+    ("epsilon_low >= 1", lambda z, l, a: ppo_loss(z, l, a, a, epsilon_low=1.0), ValueError, "epsilon_low"),
+    ("epsilon_high < 0", lambda z, l, a: cispo_loss(z, l, a, a, epsilon_high=-0.1), ValueError, "epsilon_high"),
+    ("dual_clip <= 1", lambda z, l, a: ppo_loss(z, l, a, a, dual_clip=0.5), ValueError, "dual_clip"),
+    ("beta < 0", lambda z, l, a: ppo_loss(z, l, a, a, ref_logprobs=a, beta=-1.0), ValueError, "beta"),
+    ("old_logprobs shape", lambda z, l, a: ppo_loss(z, l, a, a[:, :2]), ValueError, "old_logprobs"),
+    ("old_logprobs number", lambda z, l, a: ppo_loss(z, l, a, -1.0), TypeError, "old_logprobs"),
+    ("ref_logprobs shape", lambda z, l, a: ppo_loss(z, l, a, a, ref_logprobs=a[:, :2], beta=0.1), ValueError, "ref_logprobs"),
+    ("lco old_logprobs shape", lambda z, l, a: lco_loss(z, l, a, old_logprobs=a.t()), ValueError, "old_logprobs"),
+    ("loss_mask shape", lambda z, l, a: lco_loss(z, l, a, loss_mask=a[:, :1].t()), ValueError, "loss_mask"),
+    ("max_length", lambda z, l, a: lco_loss(z, l, a, reduction="seq-mean-token-sum-norm", max_length=0),
+     ValueError, "max_length"),
+    ("return_stats type", lambda z, l, a: lco_loss(z, l, a, return_stats=1), TypeError, "return_stats"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,match", FAMILY_CASES, ids=[c[0] for c in FAMILY_CASES])
+def test_bad_family_input(name, call, error, match):
+    z, l, a = good()
+    with count_traffic() as launches, pytest.raises(error, match=match):
+        call(z, l, a)
+    assert launches == []
 
 
 def test_module_validates_at_construction():

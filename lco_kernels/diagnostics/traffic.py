@@ -19,8 +19,9 @@ import numpy as np
 class Launch:
     kernel: str
     grid: tuple
-    loaded: dict   # argument name -> bytes loaded through pointers into that argument's tensor
-    stored: dict   # argument name -> bytes stored
+    constexprs: dict  # compile-time arguments (BLOCK_V, the loss head, ...)
+    loaded: dict      # argument name -> bytes loaded through pointers into that argument's tensor
+    stored: dict      # argument name -> bytes stored
 
     def bytes_of(self, names):
         return sum(self.loaded.get(n, 0) + self.stored.get(n, 0) for n in names)
@@ -67,7 +68,8 @@ def count_traffic():
                 extent = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
                 spans.append((start, start + extent * value.element_size(), name))
         grid = self.grid(bound) if callable(self.grid) else self.grid
-        launches.append(Launch(self.fn.__name__, tuple(grid), {}, {}))
+        constexprs = {name: bound[name] for name in self.constexprs if name in bound}
+        launches.append(Launch(self.fn.__name__, tuple(grid), constexprs, {}, {}))
         try:
             return orig_call(self, *args, **kwargs)
         finally:

@@ -1,0 +1,99 @@
+"""Float64 references of the policy-loss family, written the way verl / TRL write them:
+per-token log-probs from log_softmax, the loss formula on them, autograd for the gradient.
+
+``policy_loss_reference(kind, logits, labels, ...)`` returns (per-token loss, aggregated loss)
+and ``aggregate`` follows verl's ``agg_loss`` (plus "mean", "sum" and "sign-mean").
+"""
+import torch
+
+from .lco import lco_loss_reference
+
+
+def token_logprobs(logits, labels, ignore_index):
+    z = logits.double()
+    safe = torch.where(labels == ignore_index, 0, labels)
+    return torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+
+
+def ppo_token_loss(logp, old_logp, adv, epsilon_low, epsilon_high, dual_clip=None):
+    """verl's compute_policy_loss ("vanilla"), per token; also returns the clipped mask."""
+    negative_approx_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    clipped = pg_losses2 > pg_losses1
+    if dual_clip is None:
+        return clip_pg_losses1, clipped
+    pg_losses3 = -adv * dual_clip
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    dual = (adv < 0) & (pg_losses3 < clip_pg_losses1)
+    return torch.where(adv < 0, clip_pg_losses2, clip_pg_losses1), clipped | dual
+
+
+def k3_kl(logp, ref_logp):
+    """verl's low_var_kl: e^x − x − 1 with x = ref − logp, clamped to [−10, 10]."""
+    kl = ref_logp - logp
+    return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+
+
+def aggregate(loss_mat, mask, reduction, advantages=None, max_length=None):
+    mask = mask.double()
+    if reduction == "none":
+        return loss_mat * mask
+    if reduction == "sum":
+        return (loss_mat * mask).sum()
+    if reduction == "mean":
+        return (loss_mat * mask).sum() / mask.sum().clamp(min=1)
+    if reduction == "sign-mean":
+        pos = mask * (advantages > 0)
+        neg = mask * (advantages < 0)
+        return (loss_mat * pos).sum() / pos.sum().clamp(min=1) + (loss_mat * neg).sum() / neg.sum().clamp(min=1)
+    seq_mat = (loss_mat * mask).reshape(-1, loss_mat.shape[-1])
+    seq_mask = mask.reshape(-1, mask.shape[-1])
+    if reduction == "seq-mean-token-sum":
+        return seq_mat.sum(-1).mean()
+    if reduction == "seq-mean-token-mean":
+        return (seq_mat.sum(-1) / seq_mask.sum(-1).clamp(min=1)).mean()
+    if reduction == "seq-mean-token-sum-norm":
+        return seq_mat.sum() / (max_length or loss_mat.shape[-1])
+    raise ValueError(reduction)
+
+
+def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=None, *, ref_logprobs=None,
+                          ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, rho_pos=1.8,
+                          rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, beta=0.0):
+    """(per-token loss, aggregated loss) in float64; differentiable w.r.t. ``logits``.
+
+    kind: "sft" | "pg" | "ppo" | "cispo" | "lco" ("lco" with ``old_logprobs`` is PPO+LCO).
+    """
+    mask = labels != ignore_index
+    if loss_mask is not None:
+        mask = mask & (loss_mask != 0)
+    # SFT has no advantage; for "sign-mean" every token then counts as positive.
+    adv = torch.as_tensor(1.0 if advantages is None else advantages).double().expand(labels.shape)
+    logp = token_logprobs(logits, labels, ignore_index)
+    old = None if old_logprobs is None else old_logprobs.double()
+    if kind == "sft":
+        mat = -logp
+    elif kind == "pg":
+        mat = -adv * logp
+    elif kind == "ppo":
+        mat, _ = ppo_token_loss(logp, old, adv, epsilon_low, epsilon_high, dual_clip)
+        if beta > 0:
+            mat = mat + beta * k3_kl(logp, ref_logprobs.double())
+    elif kind == "cispo":
+        ratio = torch.exp(logp - old).detach()
+        mat = -torch.clamp(ratio, max=1 + epsilon_high) * adv * logp
+    elif kind == "lco":
+        safe_labels = torch.where(mask, labels, ignore_index)
+        mat = lco_loss_reference(logits, safe_labels, adv, rho_pos=rho_pos, rho_neg=rho_neg,
+                                 ignore_index=ignore_index, reduction="none")
+        if old is not None:
+            ratio = torch.exp(logp - old).detach()
+            outside = ((adv > 0) & (ratio > 1 + epsilon_high)) | ((adv < 0) & (ratio < 1 - epsilon_low))
+            mat = torch.where(outside, 0.0, mat)
+    else:
+        raise ValueError(kind)
+    mat = torch.where(mask, mat, 0.0)
+    return mat, aggregate(mat, mask, reduction, adv, max_length)

@@ -1,0 +1,189 @@
+"""The loss family through one vocabulary kernel: every loss × reduction × backend against reference/."""
+import pytest
+import torch
+
+import reference
+from conftest import BACKENDS
+from helpers import assert_grad_close, assert_loss_close, make_inputs
+from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss
+from lco_kernels.reductions import REDUCTIONS
+
+# (name, our function, reference kind, extra kwargs)
+VARIANTS = [
+    ("sft", sft_loss, "sft", {}),
+    ("pg", pg_loss, "pg", {}),
+    ("ppo", ppo_loss, "ppo", {}),
+    ("ppo-dapo-dual", ppo_loss, "ppo", {"epsilon_low": 0.2, "epsilon_high": 0.28, "dual_clip": 3.0}),
+    ("grpo-kl", ppo_loss, "ppo", {"beta": 0.05, "ref": True}),
+    ("cispo", cispo_loss, "cispo", {"epsilon_high": 0.3}),
+    ("lco", lco_loss, "lco", {}),
+    ("ppo+lco", lco_loss, "lco", {"old": True}),
+]
+NEEDS_OLD = {"ppo", "cispo"}
+
+
+def family_inputs(shape, V, dtype, device, old_noise=0.4):
+    logits, labels, adv = make_inputs(shape, V, dtype, device)
+    logp = reference.token_logprobs(logits.cpu(), labels.cpu(), -100)
+    # behaviour-policy log-probs around the current ones, so ratios fall on both sides of every clip
+    old = (logp + old_noise * torch.randn(shape, dtype=torch.float64)).float().to(device)
+    ref = (logp + old_noise * torch.randn(shape, dtype=torch.float64)).float().to(device)
+    return logits, labels, adv, old, ref
+
+
+def call(fn, name, kind, extra, logits, labels, adv, old, ref, **kw):
+    kwargs = {k: v for k, v in extra.items() if k not in ("ref", "old")}
+    if extra.get("ref"):
+        kwargs["ref_logprobs"] = ref
+    if extra.get("old"):
+        kwargs["old_logprobs"] = old
+    args = (logits, labels) if kind == "sft" else (logits, labels, adv) + ((old,) if kind in NEEDS_OLD else ())
+    return fn(*args, **kwargs, **kw)
+
+
+def reference_for(kind, extra, logits, labels, adv, old, ref, reduction, **kw):
+    z = logits.detach().cpu().double().requires_grad_(True)
+    kwargs = {k: v for k, v in extra.items() if k not in ("ref", "old")}
+    if extra.get("ref"):
+        kwargs["ref_logprobs"] = ref.cpu()
+    old_arg = old.cpu() if (kind in NEEDS_OLD or extra.get("old")) else None
+    _, loss = reference.policy_loss_reference(kind, z, labels.cpu(), None if kind == "sft" else adv.cpu(), old_arg,
+                                              reduction=reduction, **kwargs, **kw)
+    (grad,) = torch.autograd.grad(loss, z, torch.ones_like(loss))
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_every_loss_every_reduction(name, fn, kind, extra, backend, device):
+    logits, labels, adv, old, ref = family_inputs((3, 5), 1100, torch.float32, device)
+    labels[2] = -100                       # one sequence with no valid token
+    for reduction in REDUCTIONS:
+        x = logits.clone().requires_grad_(True)
+        loss = call(fn, name, kind, extra, x, labels, adv, old, ref, reduction=reduction, backend=backend,
+                    max_length=7)
+        (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+        ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, reduction, max_length=7)
+        scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
+        assert_loss_close(loss, ref_loss, scale)
+        assert_grad_close(grad, ref_grad, scale, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_bf16_and_loss_mask(name, fn, kind, extra, backend, device):
+    logits, labels, adv, old, ref = family_inputs((2, 6), 2000, torch.bfloat16, device)
+    mask = torch.rand(2, 6, device=device) > 0.3
+    x = logits.clone().requires_grad_(True)
+    loss = call(fn, name, kind, extra, x, labels, adv, old, ref, reduction="seq-mean-token-mean", loss_mask=mask,
+                backend=backend)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "seq-mean-token-mean",
+                                       loss_mask=mask.cpu())
+    scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
+    assert_loss_close(loss, ref_loss, scale)
+    assert_grad_close(grad, ref_grad, scale, torch.bfloat16)
+    assert bool((grad[~mask] == 0).all())
+
+
+def _rows_with_ratios(ratios, device):
+    """One row per ratio r = p_i / p_old, with log p_old set from the row's own log p_i."""
+    n = len(ratios)
+    logits = torch.randn(n, 300, dtype=torch.float64) * 2
+    labels = torch.randint(0, 300, (n,))
+    logp = reference.token_logprobs(logits, labels, -100)
+    old = logp - torch.log(torch.tensor(ratios, dtype=torch.float64))
+    return logits.float().to(device), labels.to(device), old.float().to(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_clip_boundaries(backend, device):
+    eps = 0.2
+    ratios = [1 + eps - 1e-3, 1 + eps + 1e-3, 1 - eps + 1e-3, 1 - eps - 1e-3, 3.0 - 1e-2, 3.0 + 1e-2]
+    for sign, dual in ((1.0, None), (-1.0, None), (-1.0, 3.0)):
+        logits, labels, old = _rows_with_ratios(ratios, device)
+        adv = torch.full((len(ratios),), sign, device=device)
+        x = logits.clone().requires_grad_(True)
+        loss, stats = ppo_loss(x, labels, adv, old, epsilon_low=eps, epsilon_high=eps, dual_clip=dual,
+                               reduction="none", backend=backend, return_stats=True)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        if sign > 0:    # clipped above 1 + ε only
+            expected = [False, True, False, False, True, True]
+        elif dual is None:  # clipped below 1 − ε only
+            expected = [False, False, False, True, False, False]
+        else:           # and capped at −Ψ·c above c
+            expected = [False, False, False, True, False, True]
+        clipped = stats.clipped.bool().cpu()
+        assert clipped.tolist() == expected
+        assert bool((grad[clipped.to(device)] == 0).all())
+        assert bool((grad[~clipped.to(device)].abs().sum(dim=-1) > 0).all())
+        if dual is not None:
+            torch.testing.assert_close(loss[5].cpu(), torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_plus_lco_masks_only_the_pushing_direction(backend, device):
+    eps = 0.2
+    ratios = [1.5, 0.5, 1.1, 0.9, 1.5, 0.5]
+    signs = [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]   # rows 0, 1 left the region the way Ψ pushes; 4, 5 the other way
+    logits, labels, old = _rows_with_ratios(ratios, device)
+    adv = torch.tensor(signs, device=device)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = lco_loss(x, labels, adv, old_logprobs=old, epsilon_low=eps, epsilon_high=eps, reduction="none",
+                           backend=backend, return_stats=True)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    plain = lco_loss(logits, labels, adv, reduction="none", backend=backend)
+    assert stats.clipped.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert loss[:2].tolist() == [0.0, 0.0] and bool((grad[:2] == 0).all())
+    assert torch.equal(loss[2:], plain[2:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_stats_against_float64(name, fn, kind, extra, backend, device):
+    logits, labels, adv, old, ref = family_inputs((2, 7), 900, torch.float32, device)
+    logits[0, 1, :300] = -torch.inf                                     # masked vocabulary
+    labels[0, 1] = 500
+    x = logits.clone().requires_grad_(True)
+    loss, stats = call(fn, name, kind, extra, x, labels, adv, old, ref, reduction="none", backend=backend,
+                       return_stats=True)
+    valid = (labels != -100).cpu()
+    z = logits.double().cpu()
+    logp_all = torch.log_softmax(z, -1)
+    p_all = logp_all.exp()
+    entropy = -torch.where(p_all > 0, p_all * logp_all, 0.0).sum(-1)
+    logp = reference.token_logprobs(z, labels.cpu(), -100)
+    _, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "none")
+    for name_, got, want in (("logprobs", stats.logprobs, logp), ("entropy", stats.entropy, entropy),
+                             ("logit_grad_norm", stats.logit_grad_norm, ref_grad.norm(dim=-1))):
+        assert got.shape == labels.shape and got.dtype == torch.float32 and not got.requires_grad, name_
+        torch.testing.assert_close(got.cpu()[valid].double(), want[valid], rtol=1e-5, atol=1e-6, msg=name_)
+        assert bool((got.cpu()[~valid] == 0).all())
+    if kind == "lco":
+        p_i = logp.exp()
+        rho = torch.where(adv.cpu() > 0, 1.8, 0.9).double()
+        torch.testing.assert_close(stats.target_prob.cpu()[valid].double(), (rho * p_i).clamp(max=1)[valid],
+                                   rtol=1e-5, atol=1e-7)
+        assert torch.equal(stats.clamped.cpu()[valid].bool(), (rho * p_i >= 1)[valid])
+    else:
+        assert stats.target_prob is None and stats.clamped is None
+    if kind in ("ppo", "cispo") or extra.get("old"):
+        ratio = torch.exp(logp - old.cpu().double())
+        if kind == "cispo":
+            expected = ratio > 1 + extra["epsilon_high"]
+        elif kind == "ppo":
+            _, expected = reference.policy.ppo_token_loss(logp, old.cpu().double(), adv.cpu().double(),
+                                                          extra.get("epsilon_low", 0.2),
+                                                          extra.get("epsilon_high", 0.2), extra.get("dual_clip"))
+        else:
+            a = adv.cpu()
+            expected = ((a > 0) & (ratio > 1.2)) | ((a < 0) & (ratio < 0.8))
+        assert torch.equal(stats.clipped.cpu()[valid].bool(), expected[valid])
+    else:
+        assert stats.clipped is None
+
+
+def test_grpo_kl_needs_reference_logprobs():
+    logits, labels, adv = make_inputs((4,), 50)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        ppo_loss(logits, labels, adv, torch.zeros(4), beta=0.1)
