@@ -11,5 +11,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
+        # the benchmark's plots, and its anchor: Liger-Kernel's fused cross-entropy kernel
+        "bench": ["matplotlib", "liger-kernel", "pytest-benchmark"],
     },
 )

@@ -88,11 +88,22 @@ def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
     V = logits3d.shape[-1]
     idx = labels.clamp(0, V - 1)[:, None]  # rows with coef = 0 (ignored ones) are zeroed below
     active = coef != 0
-    buf = _chunk_buffer(logits3d)
-    for (rows, view), (_, out) in zip(_row_chunks(logits3d, buf.shape[0]), _row_chunks(grad3d, buf.shape[0])):
-        g = buf[: view.shape[0]]
-        g.copy_(view)
-        g.sub_(lse_excl[rows, None]).exp_().mul_(coef[rows, None])
+    cdt = _compute_dtype(logits3d.dtype)
+    # When the gradient has the compute dtype, build it in place in its destination (3 passes);
+    # otherwise in a chunk buffer, cast on the way out.
+    direct = grad3d.dtype == cdt
+    buf = None if direct else _chunk_buffer(logits3d)
+    step = max(1, min(logits3d.shape[0] * logits3d.shape[1], _CHUNK_ELEMENTS // V))
+    for (rows, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
+        g = out if direct else buf[: view.shape[0]]
+        if direct:
+            torch.sub(view, lse_excl[rows, None], out=g)
+        else:
+            g.copy_(view)
+            g.sub_(lse_excl[rows, None])
+        g.exp_().mul_(coef[rows, None])
         g.scatter_(1, idx[rows], -coef[rows, None])
-        g.masked_fill_(~active[rows, None], 0.0)
-        out.copy_(g)
+        if not bool(active[rows].all()):  # CPU tensors: no device sync
+            g.masked_fill_(~active[rows, None], 0.0)
+        if not direct:
+            out.copy_(g)

@@ -97,8 +97,14 @@ def compile_one(job):
                 i64_row_offset=bool(re.search(r"arith\.muli .*: i64", compiled.asm["ttir"])))
 
 
-def jobs():
+def jobs(quick=False):
+    """All configurations; ``quick``: the base forward/backward kernels at the largest BLOCK_V only."""
     from .. import triton_kernels as tk
+    if quick:
+        return [dict(kernel=k, head="lco" if "forward" in k else None, stats=False, dtype=str(d).replace("torch.", ""),
+                     BLOCK_V=tk.all_launch_configs(d)[-1][0], num_warps=tk.all_launch_configs(d)[-1][1], arch=arch,
+                     aligned=True)
+                for k in ("_policy_forward_kernel", "_policy_backward_kernel") for d in _TRITON_TYPE for arch in TARGETS]
     out = []
     for dtype in _TRITON_TYPE:
         name = str(dtype).replace("torch.", "")
@@ -119,18 +125,18 @@ def jobs():
     return out
 
 
-def compile_report(workers=None):
+def compile_report(quick=False, workers=None):
     workers = workers or min(4, os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_one, jobs()))
+        return list(pool.map(compile_one, jobs(quick)))
 
 
-def run_report(timeout=1200):
+def run_report(quick=False, timeout=1200):
     """``compile_report()`` in a fresh interpreter without TRITON_INTERPRET (compilation needs JITFunctions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-m", "lco_kernels.diagnostics.aot"], capture_output=True, text=True,
-                         env=env, timeout=timeout, cwd=root)
+    cmd = [sys.executable, "-m", "lco_kernels.diagnostics.aot"] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
     if out.returncode != 0:
         raise RuntimeError(f"AOT compile report failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout)
@@ -139,4 +145,4 @@ def run_report(timeout=1200):
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs real JIT functions")
-    json.dump(compile_report(), sys.stdout, indent=1)
+    json.dump(compile_report(quick="--quick" in sys.argv), sys.stdout, indent=1)

@@ -97,9 +97,13 @@ def count_traffic():
 VOCAB_ARGS = ("logits_ptr", "grad_ptr", "grad_ptr+logits_ptr")
 
 
-def summarize(launches, n_rows, vocab, element_bytes):
-    """Vocabulary traffic in units of N·V elements, per-row side traffic in bytes per row, launches."""
-    vocab_bytes = sum(l.bytes_of(VOCAB_ARGS) for l in launches)
+def summarize(launches, n_rows, vocab, element_bytes, vocab_args=VOCAB_ARGS):
+    """Vocabulary traffic in units of N·V elements, per-row side traffic in bytes per row, launches.
+
+    ``vocab_args``: the kernel arguments that point into N×V tensors (ours by default; for another
+    kernel, e.g. Liger's cross-entropy, its own names).
+    """
+    vocab_bytes = sum(l.bytes_of(vocab_args) for l in launches)
     total = sum(sum(l.loaded.values()) + sum(l.stored.values()) for l in launches)
     return {
         "launches": len(launches),

@@ -1,0 +1,1 @@
+"""The benchmark suite (``python -m bench``): lco-kernels side by side against the anchors."""

@@ -1,0 +1,80 @@
+"""``python -m bench [--quick]``: the benchmark suite, on CPU or on the GPU it finds.
+
+Prints Markdown tables (stdout), progress (stderr), and writes record.json, table.md and PNG plots
+under bench/results/<time>-<device>/ (or --out).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from bench import report, suite
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small shape and a subset of the static report "
+                        "(under 2 minutes on 2 CPU cores; what CI smoke-runs)")
+    parser.add_argument("--out", help="directory for record.json, table.md and plots")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case on CPU (default 5, quick 3)")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = suite.environment()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join(suite.ROOT, "bench", "results",
+                                       f"{stamp}-{device}{'-quick' if args.quick else ''}")
+    os.makedirs(out_dir, exist_ok=True)
+    repeats = args.repeats or (3 if args.quick else 5)
+    suite.log(f"lco-kernels benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+              f"commit {env['commit']}); results in {out_dir}")
+
+    record = dict(environment=env, quick=args.quick)
+    sections = [f"# lco-kernels benchmark — {env['device']}\n\n`{' '.join(['python -m bench'] + sys.argv[1:])}` "
+                f"· torch {env['torch']} · triton {env['triton']} · commit {env['commit']} · {env['time']}\n"]
+
+    copy_bw = None
+    if device == "cuda":
+        copy_bw = suite.copy_bandwidth(device)
+        record["copy_bandwidth_bytes_per_s"] = copy_bw
+        suite.log(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+        cases = suite.cuda_plan(args.quick)
+    else:
+        cases = suite.cpu_plan(args.quick)
+    suite.log(f"timing{' and memory' if True else ''}: {len(cases)} cases")
+    record["cases"] = suite.run_cases(cases, device, repeats, with_memory=True)
+    title = ("## Forward + backward, side by side (CPU: ratios to ours in the same run; memory = peak RSS of a fresh "
+             "process beyond its inputs)" if device == "cpu" else
+             f"## Forward + backward on {env['device']} (triton.testing.do_bench; copy bandwidth {copy_bw / 1e9:.0f} "
+             f"GB/s measured in this run; × copy-bound = time ÷ (3·N·V elements at copy bandwidth))")
+    sections.append(title + "\n\n" + report.timing_table(record["cases"], device, copy_bw))
+
+    if device == "cpu":
+        suite.log("traffic under the Triton interpreter ...")
+        try:
+            record["traffic"] = suite.traffic_table()
+            sections.append("## Memory traffic per forward + backward (counted under the Triton interpreter)\n\n"
+                            + report.traffic_table(record["traffic"]))
+        except Exception as e:  # noqa: BLE001
+            sections.append(f"## Memory traffic\n\nnot measured: {e}")
+    suite.log(f"static kernel report (ahead-of-time compile for sm_80 and sm_90{', subset' if args.quick else ''}) ...")
+    record["static"] = suite.static_report(args.quick)
+    sections.append("## Kernels compiled ahead of time for sm_80 and sm_90 (worst case over dtypes, block sizes, "
+                    "targets)\n\n" + report.static_table(record["static"]))
+
+    text = "\n\n".join(sections) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(text)
+    report.write_record(out_dir, record)
+    written = report.plots(record["cases"], out_dir, env["device"])
+    print(text)
+    suite.log(f"wrote {out_dir}/record.json, table.md" + (f" and {len(written)} plots" if written else ""))
+    failed = [c for c in record["cases"] if "error" in c and c["variant"].startswith("ours")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Markdown tables, the JSON record and the PNG plots of a benchmark run."""
+import collections
+import json
+import os
+
+MiB = 2 ** 20
+
+
+def _by_shape(records):
+    groups = collections.OrderedDict()
+    for r in records:
+        groups.setdefault((r["dtype"], r["N"], r["V"]), {})[r["variant"]] = r
+    return groups
+
+
+def timing_table(records, device_kind, copy_bw=None):
+    """CPU: time and extra memory as ratios to ours. CUDA: absolute figures from the GPU as well."""
+    lines = []
+    if device_kind == "cpu":
+        lines.append("| dtype | N | V | variant | time ÷ ours | extra memory ÷ ours | extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        lines.append("| dtype | N | V | variant | median ms | time ÷ ours | GB/s (3·N·V) | × copy-bound time "
+                     "| peak extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (dtype, n, vocab), variants in _by_shape(records).items():
+        ours = variants.get("ours", {})
+        for name, r in variants.items():
+            if "error" in r:
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['error']} |" + " |" * (2 if device_kind == "cpu" else 4))
+                continue
+            t_ratio = r["median_s"] / ours["median_s"] if "median_s" in ours else float("nan")
+            mem = r.get("extra_bytes")
+            mem_s = f"{mem / MiB:.1f} MiB" if mem is not None else "–"
+            if device_kind == "cpu":
+                m_ratio = (mem / ours["extra_bytes"]) if mem is not None and ours.get("extra_bytes") else float("nan")
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {t_ratio:.2f} | {m_ratio:.2f} | {mem_s} |")
+            else:
+                elem = 2 if dtype in ("bfloat16", "float16") else 4
+                moved = 3 * n * vocab * elem
+                bw = moved / r["median_s"]
+                bound = r["median_s"] / (moved / copy_bw)
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['median_s'] * 1e3:.3f} | {t_ratio:.2f} | "
+                             f"{bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
+    return "\n".join(lines)
+
+
+def traffic_table(rows):
+    """One line per kernel and dtype: our figures hold in all four modes (in-place or not, stats or not)."""
+    lines = ["| kernel | dtype | launches (fwd+bwd) | N·V elements moved | side bytes / row | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    groups = collections.OrderedDict()
+    for r in rows:
+        groups.setdefault((r["kernel"], r["dtype"], str(r.get("grad_output", ""))), []).append(r)
+    for (kernel, dtype, grad_output), rs in groups.items():
+        if "skipped" in rs[0]:
+            lines.append(f"| {kernel} | {dtype} | – | – | – | skipped: {rs[0]['skipped']} |")
+            continue
+        launches = sorted({r["launches"] for r in rs})
+        moved = sorted({round(r["vocab_elements_per_NV"], 4) for r in rs})
+        side = sorted({r["side_bytes_per_row"] for r in rs})
+        if kernel.startswith("ours"):
+            note = "default and in-place, with and without stats; any upstream gradient"
+        else:
+            note = (f"upstream gradient {grad_output}" + (" (skips its backward pass after a host sync on "
+                                                          "grad_output == 1)" if grad_output == "1.0" else ""))
+        lines.append(f"| {kernel} | {dtype} | {'/'.join(map(str, launches))} | {'/'.join(map(str, moved))} | "
+                     f"{'–'.join(f'{s:.0f}' for s in (side[0], side[-1])) if len(side) > 1 else f'{side[0]:.0f}'} "
+                     f"| {note} |")
+    return "\n".join(lines)
+
+
+def static_table(rows):
+    """Per kernel / head / stats: the worst registers and spills over dtypes, block sizes and targets."""
+    groups = collections.OrderedDict()
+    for r in rows:
+        groups.setdefault((r["kernel"].replace("_policy_", "").replace("_kernel", ""), r["head"] or "–",
+                           r["stats"]), []).append(r)
+    lines = ["| kernel | head | stats | configurations | max registers | spill instructions | stack | max shared B "
+             "| 128-bit loads when aligned |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, head, stats), rs in groups.items():
+        aligned = [r for r in rs if r["aligned"]]
+        vec = "all" if aligned and all(r["ldg128"] > 0 for r in aligned) else "no"
+        lines.append(f"| {kernel} | {head} | {stats} | {len(rs)} | {max(r['registers'] for r in rs)} | "
+                     f"{sum(r['spill_instructions'] for r in rs)} | {max(r['stack'] for r in rs)} | "
+                     f"{max(r['shared'] for r in rs)} | {vec} |")
+    return "\n".join(lines)
+
+
+def plots(records, out_dir, device_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ok = [r for r in records if "median_s" in r]
+    for dtype in sorted({r["dtype"] for r in ok}):
+        rs = [r for r in ok if r["dtype"] == dtype]
+        n_fixed = collections.Counter(r["N"] for r in rs).most_common(1)[0][0]
+        v_fixed = collections.Counter(r["V"] for r in rs).most_common(1)[0][0]
+        for axis, fixed_key, fixed in (("V", "N", n_fixed), ("N", "V", v_fixed)):
+            sel = [r for r in rs if r[fixed_key] == fixed]
+            if len({r[axis] for r in sel}) < 2:
+                continue
+            fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+            for variant in dict.fromkeys(r["variant"] for r in sel):
+                pts = sorted((r[axis], r["median_s"] * 1e3, r.get("extra_bytes")) for r in sel if r["variant"] == variant)
+                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+                mem = [(p[0], p[2] / MiB) for p in pts if p[2] is not None]
+                if mem:
+                    ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=variant)
+            ax_t.set(xlabel=axis, ylabel="forward + backward, median ms", yscale="log",
+                     title=f"time, {fixed_key} = {fixed}, {dtype}")
+            ax_m.set(xlabel=axis, ylabel="extra memory, MiB", yscale="log", title=f"memory beyond the inputs")
+            ax_t.legend(fontsize=8)
+            fig.suptitle(device_name, fontsize=9)
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"{dtype}_vs_{axis}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def write_record(out_dir, record):
+    path = os.path.join(out_dir, "record.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path

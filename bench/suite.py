@@ -1,0 +1,142 @@
+"""The benchmark suite: timing, memory, traffic and static kernel reports, run side by side.
+
+Every figure is a ratio against ours measured in the same run, or an absolute figure from a GPU.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.variants import liger_available, make, step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _inputs(n, vocab, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(n, vocab, generator=g) * 2).to(dtype).to(device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    return logits, labels, adv
+
+
+def time_case(variant, n, vocab, dtype, device, repeats):
+    """Times (seconds) of forward + backward; the first call (warm-up, compilation) is not timed."""
+    fn = make(variant, "triton" if device == "cuda" else "torch")
+    logits, labels, adv = _inputs(n, vocab, dtype, device)
+    if device == "cuda":
+        import triton.testing
+        step(fn, logits, labels, adv)
+        ms = triton.testing.do_bench(lambda: step(fn, logits, labels, adv), return_mode="all")
+        return [t / 1e3 for t in ms]
+    step(fn, logits, labels, adv)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(fn, logits, labels, adv)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def memory_case(variant, n, vocab, dtype, device):
+    """Memory of one forward + backward in a fresh subprocess (bench.memory_worker)."""
+    out = subprocess.run([sys.executable, "-m", "bench.memory_worker", variant, str(n), str(vocab),
+                          str(dtype).replace("torch.", ""), device], capture_output=True, text=True, cwd=ROOT,
+                         timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "memory worker failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_cases(cases, device, repeats, with_memory):
+    """cases: (variant, N, V, dtype). Returns one record per case; failures are recorded, not raised."""
+    records = []
+    for k, (variant, n, vocab, dtype) in enumerate(cases, 1):
+        rec = dict(variant=variant, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
+        t0 = time.perf_counter()
+        try:
+            times = time_case(variant, n, vocab, dtype, device, repeats)
+            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
+            if with_memory:
+                rec.update(memory_case(variant, n, vocab, dtype, device))
+        except Exception as e:  # noqa: BLE001 - an OOM or a missing anchor is a result, not a crash
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        log(f"[{k}/{len(cases)}] {variant:>14} N={n:<6} V={vocab:<7} {rec['dtype']:<9} "
+            + (f"median {rec['median_s'] * 1e3:9.2f} ms" if "median_s" in rec else rec.get("error", ""))
+            + (f"  extra memory {rec['extra_bytes'] / 2**20:8.1f} MiB" if "extra_bytes" in rec else "")
+            + f"  ({time.perf_counter() - t0:.1f} s)")
+        records.append(rec)
+    return records
+
+
+def traffic_table():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.traffic_worker"], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def static_report(quick):
+    from lco_kernels.diagnostics import aot
+    return aot.run_report(quick=quick)
+
+
+def copy_bandwidth(device):
+    """Device-to-device copy bandwidth in bytes/s (read + write), measured now."""
+    import triton.testing
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def cpu_plan(quick):
+    variants = ["ours", "ours-inplace", "eager", "torch.compile", "reference"]
+    if quick:
+        shapes = [(64, 32000)]
+    else:
+        shapes = [(256, 32000), (256, 128256), (256, 151936), (64, 32000), (1024, 32000)]
+    return [(v, n, vocab, torch.float32) for n, vocab in shapes for v in variants]
+
+
+def cuda_plan(quick):
+    variants = ["ours", "ours-inplace", "torch.compile", "reference"]
+    if liger_available() is None:
+        variants.append("liger-ce")
+    vocabs = [32000, 128256, 151936, 262144]
+    ns = [1024, 4096, 16384]
+    if quick:
+        vocabs, ns = [151936], [4096]
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for vocab in vocabs:
+            for n in ns:
+                for v in variants:
+                    # the float64 reference materialises several N×V float64 tensors: keep it small
+                    if v == "reference" and n * vocab > 4096 * 151936:
+                        continue
+                    cases.append((v, n, vocab, dtype))
+    return cases
+
+
+def environment():
+    import triton
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                commit=(commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else ""),
+                python=sys.version.split()[0], argv=sys.argv, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))

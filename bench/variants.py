@@ -1,0 +1,66 @@
+"""The implementations the benchmark compares. Each is ``fn(logits, labels, advantages)`` running one
+forward + backward of the LCO loss (or, for the Liger anchor, cross-entropy) on leaf ``logits``."""
+import torch
+
+import reference
+from lco_kernels import lco_loss
+
+
+def plain_lco(logits, labels, advantages, rho_pos=1.8, rho_neg=0.9):
+    """LCO the way a user writes it in PyTorch: autograd through log_softmax, target detached."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        rho = torch.where(advantages > 0, rho_pos, rho_neg)
+        t = torch.clamp(rho * logp.exp(), max=1.0)
+    log_1mp = torch.log1p(-logp.exp())
+    kl = (torch.where(t > 0, t * (torch.log(t) - logp), 0.0)
+          + torch.where(t < 1, (1 - t) * (torch.log1p(-t) - log_1mp), 0.0))
+    return (advantages.abs() * kl).mean()
+
+
+_compiled = None
+
+
+def compiled_plain_lco(*args):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(plain_lco, dynamic=True)
+    return _compiled(*args)
+
+
+def liger_available():
+    try:
+        import liger_kernel.ops.cross_entropy  # noqa: F401
+        return None
+    except Exception as e:  # noqa: BLE001 - any import failure means "skip with this reason"
+        return f"liger-kernel not importable ({type(e).__name__}: {e}); pip install liger-kernel"
+
+
+def liger_ce(logits, labels, advantages):
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    out = LigerCrossEntropyFunction.apply(logits, labels, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def make(name, backend):
+    """(fn, leaf_transform) for a variant name."""
+    if name == "ours":
+        return lambda z, l, a: lco_loss(z, l, a, backend=backend)
+    if name == "ours-inplace":
+        # the gradient overwrites the logits: feed a non-leaf view, as logits out of an LM head
+        return lambda z, l, a: lco_loss(z.view_as(z), l, a, backend=backend, inplace_backward=True)
+    if name == "reference":
+        return lambda z, l, a: reference.lco_loss_reference(z, l, a)
+    if name == "eager":
+        return plain_lco
+    if name == "torch.compile":
+        return compiled_plain_lco
+    if name == "liger-ce":
+        return liger_ce
+    raise ValueError(name)
+
+
+def step(fn, logits, labels, advantages):
+    """One forward + backward; returns nothing (the gradient lands in logits.grad)."""
+    logits.grad = None
+    fn(logits, labels, advantages).backward()
