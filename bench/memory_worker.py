@@ -1,8 +1,10 @@
 """One forward + backward of one variant in a fresh process; prints its memory as JSON.
 
-CPU: peak RSS (VmHWM, reset after the inputs exist) minus the RSS holding the inputs.
+CPU: peak RSS (VmHWM, reset once the inputs exist) minus the RSS holding the inputs.
 CUDA: torch.cuda.max_memory_allocated minus the memory holding the inputs.
-Usage: python -m bench.memory_worker VARIANT N V DTYPE DEVICE
+Usage: python -m bench.memory_worker VARIANT N V DTYPE DEVICE [H]
+  VARIANT: a logits-level variant of bench.variants, or "fused-linear" / "unfused-linear"
+  (hidden (N, H) and weight (V, H) as inputs; H is then required).
 """
 import gc
 import json
@@ -10,7 +12,7 @@ import sys
 
 import torch
 
-from bench.variants import make, step
+from bench.variants import linear_variant, make, step
 
 
 def _status(field):
@@ -21,33 +23,55 @@ def _status(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main(variant, n, vocab, dtype, device):
+def _inputs(variant, n, vocab, dtype, device, hidden_size):
     torch.manual_seed(0)
-    backend = "triton" if device == "cuda" else "torch"
-    fn = make(variant, backend)
-    logits = (torch.randn(n, vocab, device=device) * 2).to(getattr(torch, dtype)).requires_grad_(True)
     labels = torch.randint(0, vocab, (n,), device=device)
     adv = torch.randn(n, device=device)
+    if hidden_size:
+        hidden = torch.randn(n, hidden_size, device=device).to(dtype).requires_grad_(True)
+        weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+        return (hidden, weight), labels, adv
+    logits = (torch.randn(n, vocab, device=device) * 2).to(dtype).requires_grad_(True)
+    return (logits,), labels, adv
+
+
+def main(variant, n, vocab, dtype, device, hidden_size=0):
+    backend = "triton" if device == "cuda" else "torch"
+    if hidden_size:
+        fn = linear_variant(variant, backend)
+    else:
+        single = make(variant, backend)
+        fn = lambda logits, labels, adv: single(logits, labels, adv)  # noqa: E731
+    tensors, labels, adv = _inputs(variant, n, vocab, getattr(torch, dtype), device, hidden_size)
+
+    def run(ts, lab, a):
+        for t in ts:
+            t.grad = None
+        fn(*ts, lab, a).backward()
+
     # a warm-up on two rows keeps one-time costs (thread pools, torch.compile) out of the window
-    step(fn, logits[:2].detach().clone().requires_grad_(True), labels[:2], adv[:2])
+    small = [tensors[0][:2].detach().clone().requires_grad_(True)] + [t.detach().clone().requires_grad_(True)
+                                                                      for t in tensors[1:]]
+    run(small, labels[:2], adv[:2])
+    del small
+    inputs_bytes = sum(t.numel() * t.element_size() for t in tensors)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(fn, logits, labels, adv)
+        run(tensors, labels, adv)
         torch.cuda.synchronize()
-        peak, extra = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = _status("VmRSS")
-        step(fn, logits, labels, adv)
+        run(tensors, labels, adv)
         peak = _status("VmHWM")
-        extra = peak - base
-    print(json.dumps({"peak_bytes": peak, "extra_bytes": extra, "inputs_bytes": logits.numel() * logits.element_size()}))
+    print(json.dumps({"peak_bytes": peak, "extra_bytes": peak - base, "inputs_bytes": inputs_bytes}))
 
 
 if __name__ == "__main__":
     v, n, V, dt, dev = sys.argv[1:6]
-    main(v, int(n), int(V), dt, dev)
+    main(v, int(n), int(V), dt, dev, int(sys.argv[6]) if len(sys.argv) > 6 else 0)

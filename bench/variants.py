@@ -60,6 +60,16 @@ def make(name, backend):
     raise ValueError(name)
 
 
+def linear_variant(name, backend):
+    """fn(hidden, weight, labels, advantages) -> loss: fused, or the projection then lco_loss."""
+    from lco_kernels import fused_linear_lco_loss
+    if name == "fused-linear":
+        return lambda h, w, l, a: fused_linear_lco_loss(h, w, l, a, backend=backend)
+    if name == "unfused-linear":
+        return lambda h, w, l, a: lco_loss(h @ w.t(), l, a, backend=backend)
+    raise ValueError(name)
+
+
 def step(fn, logits, labels, advantages):
     """One forward + backward; returns nothing (the gradient lands in logits.grad)."""
     logits.grad = None

@@ -50,11 +50,10 @@ def resolve_backend(backend, logits):
     return triton_kernels
 
 
-def _policy_loss(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index,
-                 reduction, loss_mask, max_length, inplace_backward, backend, return_stats):
-    check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=inplace_backward,
-                 backend=backend, return_stats=return_stats, max_length=max_length)
-    check_logits_labels(logits, labels)
+def prepare_tokens(spec, labels, vocab, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
+                   loss_mask, max_length):
+    """Per-token inputs checked and broadcast to labels' shape, the loss mask folded into the labels
+    (masked tokens become ``ignore_index``), and the reduction's per-token weights (None for "none")."""
     if advantages is None:
         advantages = torch.ones(labels.shape, device=labels.device)
     advantages = per_token("advantages", advantages, labels)
@@ -64,12 +63,22 @@ def _policy_loss(spec, logits, labels, advantages=None, old_logprobs=None, ref_l
         ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False)
     if loss_mask is not None:
         labels = labels.masked_fill(per_token("loss_mask", loss_mask, labels, allow_number=False) == 0, ignore_index)
-    impl = resolve_backend(backend, logits)
-    check_labels_in_range(labels, logits.shape[-1], ignore_index)
-
+    check_labels_in_range(labels, vocab, ignore_index)
     if max_length is None:
         max_length = labels.shape[-1] if labels.dim() else 1
     weights = token_weights(labels != ignore_index, advantages, reduction, max_length)
+    return labels, advantages, old_logprobs, ref_logprobs, weights
+
+
+def _policy_loss(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index,
+                 reduction, loss_mask, max_length, inplace_backward, backend, return_stats):
+    check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=inplace_backward,
+                 backend=backend, return_stats=return_stats, max_length=max_length)
+    check_logits_labels(logits, labels)
+    impl = resolve_backend(backend, logits)
+    labels, advantages, old_logprobs, ref_logprobs, weights = prepare_tokens(
+        spec, labels, logits.shape[-1], advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+        reduction=reduction, loss_mask=loss_mask, max_length=max_length)
     loss, stats = PolicyLossFunction.apply(logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
                                            int(ignore_index), inplace_backward, impl, return_stats)
     if return_stats:
@@ -77,10 +86,29 @@ def _policy_loss(spec, logits, labels, advantages=None, old_logprobs=None, ref_l
     return loss
 
 
+def loss_spec(loss, *, rho_pos=1.8, rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, beta=0.0,
+              old_logprobs=None, ref_logprobs=None):
+    """The checked ``LossSpec`` of a loss named "sft" | "pg" | "ppo" | "cispo" | "lco" and its options."""
+    kind = {"sft": Loss.SFT, "pg": Loss.PG, "ppo": Loss.PPO, "cispo": Loss.CISPO, "lco": Loss.LCO}.get(loss)
+    if kind is None:
+        raise ValueError(f"loss must be one of 'sft', 'pg', 'ppo', 'cispo', 'lco', got {loss!r}")
+    check_clip(epsilon_low, epsilon_high, dual_clip, beta)
+    if kind == Loss.LCO:
+        check_rho(rho_pos, rho_neg)
+    if kind in (Loss.PPO, Loss.CISPO) and old_logprobs is None:
+        raise ValueError(f"loss={loss!r} needs old_logprobs (the behaviour policy's log-probs of the labels)")
+    if kind == Loss.PPO and beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
+    return LossSpec(kind, rho_pos=float(rho_pos), rho_neg=float(rho_neg), epsilon_low=float(epsilon_low),
+                    epsilon_high=float(epsilon_high), dual_clip=None if dual_clip is None else float(dual_clip),
+                    beta=float(beta), has_old=old_logprobs is not None and kind in (Loss.PPO, Loss.CISPO, Loss.LCO),
+                    has_ref=ref_logprobs is not None and beta > 0 and kind == Loss.PPO)
+
+
 def sft_loss(logits, labels, *, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
              inplace_backward=False, backend="auto", return_stats=False):
     """Cross-entropy −log p_i per token."""
-    return _policy_loss(LossSpec(Loss.SFT), logits, labels, ignore_index=ignore_index, reduction=reduction,
+    return _policy_loss(loss_spec("sft"), logits, labels, ignore_index=ignore_index, reduction=reduction,
                         loss_mask=loss_mask, max_length=max_length, inplace_backward=inplace_backward,
                         backend=backend, return_stats=return_stats)
 
@@ -88,7 +116,7 @@ def sft_loss(logits, labels, *, ignore_index=-100, reduction="mean", loss_mask=N
 def pg_loss(logits, labels, advantages, *, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
             inplace_backward=False, backend="auto", return_stats=False):
     """REINFORCE: −Ψ·log p_i per token."""
-    return _policy_loss(LossSpec(Loss.PG), logits, labels, advantages, ignore_index=ignore_index,
+    return _policy_loss(loss_spec("pg"), logits, labels, advantages, ignore_index=ignore_index,
                         reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                         inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
 
@@ -103,12 +131,8 @@ def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=0.2, epsil
     With ``ref_logprobs`` and ``beta`` > 0, GRPO's k3 KL β·(e^x − x − 1), x = ref − log p_i
     (clamped at 10), is added per token.
     """
-    check_clip(epsilon_low, epsilon_high, dual_clip, beta)
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
-    spec = LossSpec(Loss.PPO, epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-                    dual_clip=None if dual_clip is None else float(dual_clip), beta=float(beta), has_old=True,
-                    has_ref=ref_logprobs is not None and beta > 0)
+    spec = loss_spec("ppo", epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
+                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     return _policy_loss(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                         reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                         inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
@@ -117,8 +141,7 @@ def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=0.2, epsil
 def cispo_loss(logits, labels, advantages, old_logprobs, *, epsilon_high=0.2, ignore_index=-100, reduction="mean",
                loss_mask=None, max_length=None, inplace_backward=False, backend="auto", return_stats=False):
     """CISPO: −sg(min(r, 1 + ε_high))·Ψ·log p_i, r = p_i / p_old: the weight is capped, never the gradient."""
-    check_clip(epsilon_high=epsilon_high)
-    spec = LossSpec(Loss.CISPO, epsilon_high=float(epsilon_high), has_old=True)
+    spec = loss_spec("cispo", epsilon_high=epsilon_high, old_logprobs=old_logprobs)
     return _policy_loss(spec, logits, labels, advantages, old_logprobs, ignore_index=ignore_index,
                         reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                         inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
@@ -143,10 +166,8 @@ def lco_loss(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9, old_logpro
     Returns:
         the loss (a scalar, or labels' shape for "none"); with return_stats, (loss, TokenStats).
     """
-    check_rho(rho_pos, rho_neg)
-    check_clip(epsilon_low, epsilon_high)
-    spec = LossSpec(Loss.LCO, rho_pos=float(rho_pos), rho_neg=float(rho_neg), epsilon_low=float(epsilon_low),
-                    epsilon_high=float(epsilon_high), has_old=old_logprobs is not None)
+    spec = loss_spec("lco", rho_pos=rho_pos, rho_neg=rho_neg, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                     old_logprobs=old_logprobs)
     return _policy_loss(spec, logits, labels, advantages, old_logprobs, ignore_index=ignore_index,
                         reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                         inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
