@@ -52,6 +52,14 @@ def main(argv=None):
              f"GB/s measured in this run; × copy-bound = time ÷ (3·N·V elements at copy bandwidth))")
     sections.append(title + "\n\n" + report.timing_table(record["cases"], device, copy_bw))
 
+    linear = suite.linear_cases(args.quick, device)
+    suite.log(f"fused linear + loss: {len(linear)} cases")
+    record["linear"] = suite.run_linear(linear, device, repeats)
+    sections.append("## Fused linear + LCO from hidden states vs `lco_loss(hidden @ weight.T)` (one forward + "
+                    "backward; extra memory = beyond hidden and weight, "
+                    + ("peak RSS of a fresh process)" if device == "cpu" else "torch.cuda.max_memory_allocated)")
+                    + "\n\n" + report.linear_table(record["linear"], device))
+
     if device == "cpu":
         suite.log("traffic under the Triton interpreter ...")
         try:
@@ -72,7 +80,8 @@ def main(argv=None):
     written = report.plots(record["cases"], out_dir, env["device"])
     print(text)
     suite.log(f"wrote {out_dir}/record.json, table.md" + (f" and {len(written)} plots" if written else ""))
-    failed = [c for c in record["cases"] if "error" in c and c["variant"].startswith("ours")]
+    failed = [c for c in record["cases"] + record["linear"] if "error" in c and c["variant"] in ("ours", "ours-inplace",
+                                                                                                  "fused-linear")]
     return 1 if failed else 0
 
 

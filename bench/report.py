@@ -45,6 +45,24 @@ def timing_table(records, device_kind, copy_bw=None):
     return "\n".join(lines)
 
 
+def linear_table(records, device_kind):
+    """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU) or absolute (GPU)."""
+    lines = ["| variant | N | H | V | dtype | extra memory | memory ÷ unfused | "
+             + ("time ÷ unfused |" if device_kind == "cpu" else "median ms |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    unfused = next((r for r in records if r["variant"] == "unfused-linear"), {})
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['error']} | | |")
+            continue
+        mem = r["extra_bytes"] / unfused["extra_bytes"] if unfused.get("extra_bytes") else float("nan")
+        last = (f"{r['median_s'] / unfused['median_s']:.2f}" if device_kind == "cpu" and unfused.get("median_s")
+                else f"{r['median_s'] * 1e3:.1f}")
+        lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | "
+                     f"{r['extra_bytes'] / MiB:.0f} MiB | {mem:.3f} | {last} |")
+    return "\n".join(lines)
+
+
 def traffic_table(rows):
     """One line per kernel and dtype: our figures hold in all four modes (in-place or not, stats or not)."""
     lines = ["| kernel | dtype | launches (fwd+bwd) | N·V elements moved | side bytes / row | note |",

@@ -46,11 +46,11 @@ def time_case(variant, n, vocab, dtype, device, repeats):
     return times
 
 
-def memory_case(variant, n, vocab, dtype, device):
+def memory_case(variant, n, vocab, dtype, device, hidden_size=0):
     """Memory of one forward + backward in a fresh subprocess (bench.memory_worker)."""
     out = subprocess.run([sys.executable, "-m", "bench.memory_worker", variant, str(n), str(vocab),
-                          str(dtype).replace("torch.", ""), device], capture_output=True, text=True, cwd=ROOT,
-                         timeout=900)
+                          str(dtype).replace("torch.", ""), device, str(hidden_size)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "memory worker failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,6 +75,56 @@ def run_cases(cases, device, repeats, with_memory):
             + (f"median {rec['median_s'] * 1e3:9.2f} ms" if "median_s" in rec else rec.get("error", ""))
             + (f"  extra memory {rec['extra_bytes'] / 2**20:8.1f} MiB" if "extra_bytes" in rec else "")
             + f"  ({time.perf_counter() - t0:.1f} s)")
+        records.append(rec)
+    return records
+
+
+def linear_cases(quick, device):
+    """Fused linear + LCO vs the projection followed by lco_loss: (variant, N, H, V, dtype)."""
+    if device == "cuda":
+        shape, dtype = ((4096, 4096, 151936) if quick else (16384, 4096, 151936)), torch.bfloat16
+    else:
+        shape, dtype = ((1024, 512, 32000) if quick else (4096, 1024, 65536)), torch.float32
+    return [(v,) + shape + (dtype,) for v in ("fused-linear", "unfused-linear")]
+
+
+def run_linear(cases, device, repeats):
+    from bench.variants import linear_variant
+    records = []
+    for k, (variant, n, hidden_size, vocab, dtype) in enumerate(cases, 1):
+        rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
+        t0 = time.perf_counter()
+        try:
+            rec.update(memory_case(variant, n, vocab, dtype, device, hidden_size))
+            fn = linear_variant(variant, "triton" if device == "cuda" else "torch")
+            g = torch.Generator().manual_seed(0)
+            h = torch.randn(n, hidden_size, generator=g).to(dtype).to(device).requires_grad_(True)
+            w = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype).to(device).requires_grad_(True)
+            labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+            adv = torch.randn(n, generator=g).to(device)
+
+            def one():
+                h.grad = w.grad = None
+                fn(h, w, labels, adv).backward()
+            one()
+            if device == "cuda":
+                import triton.testing
+                times = [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
+            else:
+                times = []
+                for _ in range(repeats):
+                    t1 = time.perf_counter()
+                    one()
+                    times.append(time.perf_counter() - t1)
+            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
+            del h, w
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        log(f"[linear {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} {rec['dtype']} "
+            + (f"median {rec['median_s'] * 1e3:.1f} ms, extra memory {rec['extra_bytes'] / 2**20:.0f} MiB"
+               if "median_s" in rec else rec.get("error", "")) + f"  ({time.perf_counter() - t0:.1f} s)")
         records.append(rec)
     return records
 

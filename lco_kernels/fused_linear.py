@@ -23,15 +23,17 @@ from ._validation import check_common
 from .functional import loss_spec, prepare_tokens, resolve_backend
 from .stats import N_STATS, TokenStats
 
-# Default logits chunk: about as many elements as ``hidden`` (Liger's rule), at least 1 MiB worth of
-# rows and at most 256 MiB of logits: memory stays O(N·H + V·H) and each matmul keeps >= a few rows.
+# Default logits chunk: as many elements as the larger of ``hidden`` and a quarter of ``weight``,
+# between 1 MiB and 256 MiB. Memory stays O(N·H + V·H); and since each chunk adds its V×H weight
+# gradient into the accumulator (a V×H read-modify-write), chunks of at least V·H/4 logits keep that
+# traffic within a small multiple of the logits' own.
 _MIN_CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 1 << 28
 
 
 def default_chunk_size(n_tokens, hidden_size, vocab, element_bytes):
-    """Rows per chunk: ceil(N·H / V), clamped so a chunk of logits is 1 MiB to 256 MiB, and to [1, N]."""
-    rows = math.ceil(n_tokens * hidden_size / vocab)
+    """Rows per chunk: ceil(max(N·H, V·H/4) / V), clamped so a chunk of logits is 1-256 MiB, and to [1, N]."""
+    rows = math.ceil(max(n_tokens * hidden_size, vocab * hidden_size / 4) / vocab)
     rows = max(rows, _MIN_CHUNK_BYTES // (vocab * element_bytes))
     rows = min(rows, max(1, _MAX_CHUNK_BYTES // (vocab * element_bytes)))
     return max(1, min(rows, n_tokens))

@@ -110,8 +110,9 @@ def test_eager_gradients_are_handed_out_once():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 1024, 65536, 4) == 64          # ≈ N·H / V rows: a chunk as big as hidden
-    assert default_chunk_size(16384, 4096, 151936, 2) == 442
+    assert default_chunk_size(4096, 1024, 65536, 4) == 256         # a chunk as big as a quarter of the weight
+    assert default_chunk_size(65536, 1024, 65536, 4) == 1024       # ... or as hidden, when that is larger
+    assert default_chunk_size(16384, 4096, 151936, 2) == 883       # capped at 256 MiB of logits
     assert default_chunk_size(10, 8, 100, 4) == 10                  # never more than N
     assert default_chunk_size(1 << 20, 8192, 32000, 4) * 32000 * 4 <= 1 << 28   # at most 256 MiB of logits
 
