@@ -1,4 +1,5 @@
 """``python -m bench [--quick]``: the benchmark suite, on CPU or on the GPU it finds.
+``python -m bench stability [--quick]``: the paper's claims reproduced with our losses (bench/stability.py).
 
 Prints Markdown tables (stdout), progress (stderr), and writes record.json, table.md and PNG plots
 under bench/results/<time>-<device>/ (or --out).
@@ -16,12 +17,16 @@ from bench import report, suite
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", nargs="?", default="kernels", choices=("kernels", "stability"),
+                        help="kernels (default): the benchmark tables; stability: the paper's claims")
     parser.add_argument("--quick", action="store_true", help="one small shape and a subset of the static report "
                         "(under 2 minutes on 2 CPU cores; what CI smoke-runs)")
     parser.add_argument("--out", help="directory for record.json, table.md and plots")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case on CPU (default 5, quick 3)")
     args = parser.parse_args(argv)
 
+    if args.job == "stability":
+        return stability_main(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = suite.environment()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -83,6 +88,21 @@ def main(argv=None):
     failed = [c for c in record["cases"] + record["linear"] if "error" in c and c["variant"] in ("ours", "ours-inplace",
                                                                                                   "fused-linear")]
     return 1 if failed else 0
+
+
+def stability_main(args):
+    from bench import stability
+    env = suite.environment()
+    out_dir = args.out or os.path.join(suite.ROOT, "bench", "results",
+                                       f"{time.strftime('%Y%m%d-%H%M%S')}-stability{'-quick' if args.quick else ''}")
+    sections = [f"# Does LCO stabilise training? — {env['device']}\n\n"
+                f"`{' '.join(['python -m bench'] + sys.argv[1:])}` · torch {env['torch']} · commit {env['commit']}\n"]
+    sections += stability.main(args.quick, out_dir, suite.log)
+    text = "\n\n".join(sections) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":
