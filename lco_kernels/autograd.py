@@ -25,6 +25,21 @@ def as_rows3d(x):
         return x.contiguous().view(-1, x.shape[-2], V)
 
 
+def flat(t, dtype):
+    """A per-token tensor as one contiguous row vector of ``dtype`` (None stays None)."""
+    return None if t is None else t.reshape(-1).to(dtype).contiguous()
+
+
+def outputs(ctx, loss, weights, shape, stats):
+    """A Function's outputs: the per-token ``loss`` reduced with ``weights`` (or kept per token, in
+    ``shape``, when None) and the stats buffer (empty when not requested), which has no gradient."""
+    reduced = loss.view(shape) if weights is None else (loss * weights).sum()
+    if stats is None:
+        stats = loss.new_zeros(0)
+    ctx.mark_non_differentiable(stats)
+    return reduced, stats
+
+
 class PolicyLossFunction(torch.autograd.Function):
     """Outputs (loss, stats): loss reduced with ``weights`` (or per token when None); stats is the
     (N_STATS, N) buffer of the forward sweep, or an empty tensor when not requested."""
@@ -33,24 +48,16 @@ class PolicyLossFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
                 inplace_backward, backend, with_stats):
         logits3d = as_rows3d(logits)
-        flat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-        def flat(t):
-            return None if t is None else t.reshape(-1).to(flat_dtype).contiguous()
-
-        labels_flat = labels.reshape(-1).to(torch.int64).contiguous()
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        labels_flat = flat(labels, torch.int64)
         loss, alpha, lse_excl, stats = backend.forward_rows(
-            logits3d, labels_flat, flat(advantages), flat(old_logprobs), flat(ref_logprobs), spec, ignore_index,
-            with_stats)
+            logits3d, labels_flat, flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec,
+            ignore_index, with_stats)
         ctx.save_for_backward(logits, labels_flat, alpha, lse_excl, weights)
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
         ctx.gradient_written = False
-        reduced = loss.view(labels.shape) if weights is None else (loss * weights).sum()
-        if stats is None:
-            stats = loss.new_zeros(0)
-        ctx.mark_non_differentiable(stats)
-        return reduced, stats
+        return outputs(ctx, loss, weights, labels.shape, stats)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):

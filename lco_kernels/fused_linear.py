@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._validation import check_common
+from .autograd import flat, outputs
 from .functional import loss_spec, prepare_tokens, resolve_backend
 from .stats import N_STATS, TokenStats
 
@@ -47,12 +48,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         V = weight.shape[0]
         x = hidden.reshape(-1, H)
         n = x.shape[0]
-        labels = labels.reshape(-1).to(torch.int64).contiguous()
-
-        def flat(t):
-            return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
-
-        advantages, old_logprobs, ref_logprobs = flat(advantages), flat(old_logprobs), flat(ref_logprobs)
+        labels = flat(labels, torch.int64)
+        advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32) for t in (advantages, old_logprobs, ref_logprobs))
         dev = x.device
         loss = torch.empty(n, dtype=torch.float32, device=dev)
         alpha = torch.empty(n, dtype=torch.float32, device=dev)
@@ -78,7 +75,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
                                       logits[None])
                 grads.add(rows, logits)
 
-        ctx.spec_shape = (hidden.shape, bias is not None)
+        ctx.hidden_shape = hidden.shape
+        ctx.has_bias = bias is not None
         ctx.eager = eager
         ctx.gradients_returned = False
         ctx.backend = backend
@@ -88,15 +86,11 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
             ctx.save_for_backward(*grads.finish())
         else:
             ctx.save_for_backward(x, weight, bias, labels, alpha, lse_excl)
-        reduced = loss.view(hidden.shape[:-1]) if weights is None else (loss * weights).sum()
-        if stats is None:
-            stats = loss.new_zeros(0)
-        ctx.mark_non_differentiable(stats)
-        return reduced, stats
+        return outputs(ctx, loss, weights, hidden.shape[:-1], stats)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
-        hidden_shape, has_bias = ctx.spec_shape
+        hidden_shape, has_bias = ctx.hidden_shape, ctx.has_bias
         if ctx.eager:
             if ctx.gradients_returned:
                 raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "

@@ -103,7 +103,8 @@ def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
             g.sub_(lse_excl[rows, None])
         g.exp_().mul_(coef[rows, None])
         g.scatter_(1, idx[rows], -coef[rows, None])
-        if not bool(active[rows].all()):  # CPU tensors: no device sync
+        # on CPU, skip the pass when every row is active; on a GPU that test would be a host sync
+        if g.device.type != "cpu" or not bool(active[rows].all()):
             g.masked_fill_(~active[rows, None], 0.0)
         if not direct:
             out.copy_(g)
