@@ -49,8 +49,8 @@ def main(argv=None):
         cases = suite.cuda_plan(args.quick)
     else:
         cases = suite.cpu_plan(args.quick)
-    suite.log(f"timing{' and memory' if True else ''}: {len(cases)} cases")
-    record["cases"] = suite.run_cases(cases, device, repeats, with_memory=True)
+    suite.log(f"timing and memory: {len(cases)} cases")
+    record["cases"] = suite.run_cases(cases, device, repeats)
     title = ("## Forward + backward, side by side (CPU: ratios to ours in the same run; memory = peak RSS of a fresh "
              "process beyond its inputs)" if device == "cpu" else
              f"## Forward + backward on {env['device']} (triton.testing.do_bench; copy bandwidth {copy_bw / 1e9:.0f} "

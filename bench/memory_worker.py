@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from bench.variants import linear_variant, make, step
+from bench.variants import linear_variant, make
 
 
 def _status(field):

@@ -130,7 +130,7 @@ def plots(records, out_dir, device_name):
                     ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=variant)
             ax_t.set(xlabel=axis, ylabel="forward + backward, median ms", yscale="log",
                      title=f"time, {fixed_key} = {fixed}, {dtype}")
-            ax_m.set(xlabel=axis, ylabel="extra memory, MiB", yscale="log", title=f"memory beyond the inputs")
+            ax_m.set(xlabel=axis, ylabel="extra memory, MiB", yscale="log", title="memory beyond the inputs")
             ax_t.legend(fontsize=8)
             fig.suptitle(device_name, fontsize=9)
             fig.tight_layout()

@@ -29,21 +29,29 @@ def _inputs(n, vocab, dtype, device):
 
 
 def time_case(variant, n, vocab, dtype, device, repeats):
-    """Times (seconds) of forward + backward; the first call (warm-up, compilation) is not timed."""
+    """Times (seconds) of forward + backward; the first call (warm-up, compilation) is not timed.
+    On CUDA also the peak memory of one more call beyond its inputs (torch.cuda.max_memory_allocated)."""
     fn = make(variant, "triton" if device == "cuda" else "torch")
     logits, labels, adv = _inputs(n, vocab, dtype, device)
     if device == "cuda":
         import triton.testing
         step(fn, logits, labels, adv)
         ms = triton.testing.do_bench(lambda: step(fn, logits, labels, adv), return_mode="all")
-        return [t / 1e3 for t in ms]
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn, logits, labels, adv)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return [t / 1e3 for t in ms], {"peak_bytes": peak, "extra_bytes": peak - base}
     step(fn, logits, labels, adv)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step(fn, logits, labels, adv)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, None
 
 
 def memory_case(variant, n, vocab, dtype, device, hidden_size=0):
@@ -56,17 +64,17 @@ def memory_case(variant, n, vocab, dtype, device, hidden_size=0):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_cases(cases, device, repeats, with_memory):
+def run_cases(cases, device, repeats):
     """cases: (variant, N, V, dtype). Returns one record per case; failures are recorded, not raised."""
     records = []
     for k, (variant, n, vocab, dtype) in enumerate(cases, 1):
         rec = dict(variant=variant, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
         t0 = time.perf_counter()
         try:
-            times = time_case(variant, n, vocab, dtype, device, repeats)
+            times, memory = time_case(variant, n, vocab, dtype, device, repeats)
             rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
-            if with_memory:
-                rec.update(memory_case(variant, n, vocab, dtype, device))
+            # CPU: peak RSS of a fresh process per variant; CUDA: measured in-process by time_case
+            rec.update(memory or memory_case(variant, n, vocab, dtype, device))
         except Exception as e:  # noqa: BLE001 - an OOM or a missing anchor is a result, not a crash
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if device == "cuda":
@@ -88,6 +96,29 @@ def linear_cases(quick, device):
     return [(v,) + shape + (dtype,) for v in ("fused-linear", "unfused-linear")]
 
 
+def _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats):
+    """Times (seconds) of forward + backward of ``fn(hidden, weight, labels, advantages)`` after a warm-up."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hidden_size, generator=g).to(dtype).to(device).requires_grad_(True)
+    w = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype).to(device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+
+    def one():
+        h.grad = w.grad = None
+        fn(h, w, labels, adv).backward()
+    one()
+    if device == "cuda":
+        import triton.testing
+        return [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_linear(cases, device, repeats):
     from bench.variants import linear_variant
     records = []
@@ -97,27 +128,8 @@ def run_linear(cases, device, repeats):
         try:
             rec.update(memory_case(variant, n, vocab, dtype, device, hidden_size))
             fn = linear_variant(variant, "triton" if device == "cuda" else "torch")
-            g = torch.Generator().manual_seed(0)
-            h = torch.randn(n, hidden_size, generator=g).to(dtype).to(device).requires_grad_(True)
-            w = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype).to(device).requires_grad_(True)
-            labels = torch.randint(0, vocab, (n,), generator=g).to(device)
-            adv = torch.randn(n, generator=g).to(device)
-
-            def one():
-                h.grad = w.grad = None
-                fn(h, w, labels, adv).backward()
-            one()
-            if device == "cuda":
-                import triton.testing
-                times = [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
-            else:
-                times = []
-                for _ in range(repeats):
-                    t1 = time.perf_counter()
-                    one()
-                    times.append(time.perf_counter() - t1)
+            times = _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats)
             rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
-            del h, w
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if device == "cuda":
