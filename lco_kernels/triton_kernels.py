@@ -25,29 +25,27 @@ from .losses import LossSpec
 from .stats import N_STATS
 from .triton_heads import LCO, _softplus, policy_head
 
-# Bytes of one vocabulary chunk: 4096 fp32 or 8192 bf16/fp16 elements. 16 KiB per chunk keeps
-# every thread at 16-32 B per load (128-bit vector loads) and the kernels free of spills (checked
-# by tests/test_aot_compile.py for sm_80 and sm_90).
-_CHUNK_BYTES = 16384
+_MAX_BLOCK_V = 4096
 _MIN_BLOCK_V = 1024
 
 
-def launch_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of V logits of ``dtype``: the one place they are chosen.
+def launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of V logits: the one place they are chosen.
 
-    BLOCK_V is the power of two covering V, between 1024 and one 16 KiB chunk; 8 warps for
-    blocks of 4096 elements and more, 4 below.
+    BLOCK_V is the power of two covering V, between 1024 and 4096; num_warps = BLOCK_V / 512, at
+    least 4. At full size every thread holds 16 logits (four 128-bit loads in fp32, two in
+    bf16/fp16). Larger chunks for 16-bit logits (8192 with 8 or 16 warps) spilled registers on
+    sm_80/sm_90 with Triton 3.6's ptxas, so the dtype does not enter the choice;
+    tests/test_aot_compile.py checks every configuration for every dtype.
     """
-    cap = _CHUNK_BYTES // torch.tensor([], dtype=dtype).element_size()
-    block_v = min(cap, max(_MIN_BLOCK_V, triton.next_power_of_2(V)))
-    num_warps = 8 if block_v >= 4096 else 4
+    block_v = min(_MAX_BLOCK_V, max(_MIN_BLOCK_V, triton.next_power_of_2(V)))
+    num_warps = max(4, block_v // 512)
     return block_v, num_warps
 
 
-def all_launch_configs(dtype: torch.dtype) -> list[tuple[int, int]]:
-    """Every (BLOCK_V, num_warps) ``launch_config`` can return for ``dtype``, whatever V is."""
-    cap = _CHUNK_BYTES // torch.tensor([], dtype=dtype).element_size()
-    return sorted({launch_config(v, dtype) for v in (2 ** k for k in range(0, cap.bit_length()))})
+def all_launch_configs() -> list[tuple[int, int]]:
+    """Every (BLOCK_V, num_warps) ``launch_config`` can return, whatever V is."""
+    return sorted({launch_config(2 ** k) for k in range(0, _MAX_BLOCK_V.bit_length() + 1)})
 
 
 @triton.jit
@@ -187,7 +185,7 @@ def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec:
     stats = torch.empty(N_STATS, n, dtype=torch.float32, device=dev) if with_stats else None
     if n == 0:
         return loss, alpha, lse_excl, stats
-    block_v, num_warps = launch_config(V, logits3d.dtype)
+    block_v, num_warps = launch_config(V)
     _policy_forward_kernel[(n,)](
         logits3d, logits3d.stride(0), logits3d.stride(1), T,
         # absent inputs/outputs are never touched (their constexpr flag is off): any tensor will do
@@ -207,7 +205,7 @@ def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
     B, T, V = logits3d.shape
     if B * T == 0:
         return
-    block_v, num_warps = launch_config(V, logits3d.dtype)
+    block_v, num_warps = launch_config(V)
     _policy_backward_kernel[(B * T,)](
         logits3d, logits3d.stride(0), logits3d.stride(1),
         grad3d, grad3d.stride(0), grad3d.stride(1), T,

@@ -22,16 +22,15 @@ def report():
 
 def test_launch_configs_cover_every_vocabulary():
     """Whatever V (up to 262,144 and beyond), launch_config picks one of the compiled configurations."""
-    for dtype in DTYPES:
-        configs = set(triton_kernels.all_launch_configs(dtype))
-        for V in list(range(1, 70000, 997)) + [151936, 152064, 256000, 262144, 1 << 20]:
-            assert triton_kernels.launch_config(V, dtype) in configs
+    configs = set(triton_kernels.all_launch_configs())
+    for V in list(range(1, 70000, 997)) + [151936, 152064, 256000, 262144, 1 << 20]:
+        assert triton_kernels.launch_config(V) in configs
 
 
 def test_every_sweep_configuration_compiled(report):
     expected = {(k, str(d).replace("torch.", ""), bv, nw, arch, aligned)
                 for k in ("_policy_forward_kernel", "_policy_backward_kernel") for d in DTYPES
-                for bv, nw in triton_kernels.all_launch_configs(d) for arch in ("sm_80", "sm_90")
+                for bv, nw in triton_kernels.all_launch_configs() for arch in ("sm_80", "sm_90")
                 for aligned in (True, False)}
     got = {(r["kernel"], r["dtype"], r["BLOCK_V"], r["num_warps"], r["arch"], r["aligned"]) for r in report}
     assert expected <= got

@@ -102,13 +102,13 @@ def jobs(quick=False):
     from .. import triton_kernels as tk
     if quick:
         return [dict(kernel=k, head="lco" if "forward" in k else None, stats=False, dtype=str(d).replace("torch.", ""),
-                     BLOCK_V=tk.all_launch_configs(d)[-1][0], num_warps=tk.all_launch_configs(d)[-1][1], arch=arch,
+                     BLOCK_V=tk.all_launch_configs()[-1][0], num_warps=tk.all_launch_configs()[-1][1], arch=arch,
                      aligned=True)
                 for k in ("_policy_forward_kernel", "_policy_backward_kernel") for d in _TRITON_TYPE for arch in TARGETS]
     out = []
     for dtype in _TRITON_TYPE:
         name = str(dtype).replace("torch.", "")
-        configs = tk.all_launch_configs(dtype)
+        configs = tk.all_launch_configs()
         for arch in TARGETS:
             for block_v, num_warps in configs:
                 for aligned in (True, False):
