@@ -10,8 +10,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
+        # numpy: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on numpy arrays
         "test": ["pytest", "pytest-benchmark", "numpy"],
-        # the benchmark's plots, and its anchor: Liger-Kernel's fused cross-entropy kernel
+        # matplotlib: the benchmark's plots; liger-kernel: its anchor, the fused cross-entropy
+        # kernel that fused-loss libraries are measured against (traffic table, GPU timings)
         "bench": ["matplotlib", "liger-kernel", "pytest-benchmark"],
     },
 )
