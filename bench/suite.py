@@ -21,10 +21,11 @@ def log(msg):
 
 
 def _inputs(n, vocab, dtype, device):
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(n, vocab, generator=g) * 2).to(dtype).to(device).requires_grad_(True)
-    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
-    adv = torch.randn(n, generator=g).to(device)
+    # drawn on the device itself: 16384 × 262144 logits would take the CPU tens of seconds
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, vocab, generator=g, device=device) * 2).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
+    adv = torch.randn(n, generator=g, device=device)
     return logits, labels, adv
 
 
@@ -98,11 +99,11 @@ def linear_cases(quick, device):
 
 def _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats):
     """Times (seconds) of forward + backward of ``fn(hidden, weight, labels, advantages)`` after a warm-up."""
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, hidden_size, generator=g).to(dtype).to(device).requires_grad_(True)
-    w = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype).to(device).requires_grad_(True)
-    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
-    adv = torch.randn(n, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, hidden_size, generator=g, device=device).to(dtype).requires_grad_(True)
+    w = (torch.randn(vocab, hidden_size, generator=g, device=device) / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
+    adv = torch.randn(n, generator=g, device=device)
 
     def one():
         h.grad = w.grad = None
