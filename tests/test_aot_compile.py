@@ -69,6 +69,14 @@ def test_row_offsets_are_64_bit(report):
     assert all(r["i64_row_offset"] for r in report)
 
 
+def test_fp64_hyperparameters_compile_to_fp32_arithmetic(report):
+    """torch.compile may pass Python floats as fp64: the kernel casts them and computes in fp32."""
+    fp64 = [r for r in report if r.get("scalars") == "fp64"]
+    assert len(fp64) == len(DTYPES) * 2
+    assert not any(r["fp64_arithmetic"] for r in fp64)
+    assert not any(r["fp64_arithmetic"] for r in report)
+
+
 def test_aligned_loads_are_128_bit(report):
     """With 16-divisible pointers, strides and V (e.g. V = 151936) every kernel issues LDG.E.128."""
     for r in report:

@@ -9,7 +9,8 @@ What is compiled, for sm_80 and sm_90:
   (BLOCK_V, num_warps) ``launch_config`` can return, with and without the 16-divisibility of
   pointers, strides and V (e.g. V = 151936) that allows vector loads;
 * every loss head (each constexpr combination the public losses launch), with and without
-  stats, at the largest BLOCK_V of each dtype — the most registers the sweep can need.
+  stats, at the largest BLOCK_V of each dtype — the most registers the sweep can need;
+* the forward kernel with its float hyperparameters typed fp64, as torch.compile may pass them.
 
 ``python -m lco_kernels.diagnostics.aot`` prints the report as JSON; ``run_report()`` runs that
 in a subprocess without TRITON_INTERPRET, so it works from interpreted test sessions too.
@@ -41,14 +42,15 @@ HEADS = (
 )
 
 
-def _signature(kernel_name, ptr_type):
-    """Argument types as the launcher passes them (small ints are i32, hyperparameters fp32)."""
+def _signature(kernel_name, ptr_type, scalar_type="fp32"):
+    """Argument types as the launcher passes them (small ints are i32, hyperparameters fp32; under
+    torch.compile a Python float hyperparameter may arrive as fp64: ``scalar_type``)."""
     if kernel_name == "_policy_forward_kernel":
         sig = {"logits_ptr": ptr_type, "stride_lb": "i32", "stride_lt": "i32", "T": "i32",
                "labels_ptr": "*i64", "adv_ptr": "*fp32", "old_logp_ptr": "*fp32", "ref_logp_ptr": "*fp32",
                "loss_ptr": "*fp32", "alpha_ptr": "*fp32", "lse_excl_ptr": "*fp32", "stats_ptr": "*fp32",
                "N": "i32", "V": "i32", "ignore_index": "i32"}
-        sig.update({k: "fp32" for k in ("rho_pos", "rho_neg", "eps_low", "eps_high", "clip_c", "beta")})
+        sig.update({k: scalar_type for k in ("rho_pos", "rho_neg", "eps_low", "eps_high", "clip_c", "beta")})
         sig.update({k: "constexpr" for k in ("LOSS", "HAS_OLD", "HAS_REF", "DUAL_CLIP", "WITH_STATS", "BLOCK_V")})
         return sig
     return {"logits_ptr": ptr_type, "stride_lb": "i32", "stride_lt": "i32",
@@ -71,7 +73,7 @@ def compile_one(job):
     from .. import triton_kernels as tk
     kernel = getattr(tk, job["kernel"])
     dtype = getattr(torch, job["dtype"])
-    signature = _signature(job["kernel"], "*" + _TRITON_TYPE[dtype])
+    signature = _signature(job["kernel"], "*" + _TRITON_TYPE[dtype], job.get("scalars", "fp32"))
     names = list(signature)
     constexprs = {"BLOCK_V": job["BLOCK_V"]}
     if job["kernel"] == "_policy_forward_kernel":
@@ -94,7 +96,8 @@ def compile_one(job):
     return dict(job, arch=f"sm_{job['arch']}", registers=usage("REG"), stack=usage("STACK"), shared=usage("SHARED"),
                 local=usage("LOCAL"), spill_instructions=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
                 ldg128=len(re.findall(r"LDG\.E\.128", sass)), ldg=len(re.findall(r"\bLDG\.", sass)),
-                i64_row_offset=bool(re.search(r"arith\.muli .*: i64", compiled.asm["ttir"])))
+                i64_row_offset=bool(re.search(r"arith\.muli .*: i64", compiled.asm["ttir"])),
+                fp64_arithmetic=bool(re.search(r"\b(?:add|sub|mul|div|fma)\.(?:rn\.)?f64\b", compiled.asm["ptx"])))
 
 
 def jobs(quick=False):
@@ -122,6 +125,9 @@ def jobs(quick=False):
                         continue  # compiled above
                     out.append(dict(kernel="_policy_forward_kernel", head=head[0], stats=stats, dtype=name,
                                     BLOCK_V=block_v, num_warps=num_warps, arch=arch, aligned=True))
+            # hyperparameters passed as fp64 (torch.compile): still compiles, and computes in fp32
+            out.append(dict(kernel="_policy_forward_kernel", head="ppo+dual+kl", stats=True, dtype=name,
+                            BLOCK_V=block_v, num_warps=num_warps, arch=arch, aligned=True, scalars="fp64"))
     return out
 
 
