@@ -17,10 +17,14 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_buffer(logits3d):
+def _rows_per_chunk(logits3d):
     B, T, V = logits3d.shape
-    rows = max(1, min(B * T, _CHUNK_ELEMENTS // V))
-    return torch.empty(rows, V, dtype=_compute_dtype(logits3d.dtype), device=logits3d.device)
+    return max(1, min(B * T, _CHUNK_ELEMENTS // V))
+
+
+def _chunk_buffer(logits3d):
+    return torch.empty(_rows_per_chunk(logits3d), logits3d.shape[-1], dtype=_compute_dtype(logits3d.dtype),
+                       device=logits3d.device)
 
 
 def _row_chunks(logits3d, rows_per_chunk):
@@ -93,7 +97,7 @@ def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
     # otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else _chunk_buffer(logits3d)
-    step = max(1, min(logits3d.shape[0] * logits3d.shape[1], _CHUNK_ELEMENTS // V))
+    step = _rows_per_chunk(logits3d)
     for (rows, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         g = out if direct else buf[: view.shape[0]]
         if direct:
