@@ -12,6 +12,8 @@ domain, float64, returning the per-row loss and the full gradient α·(p̃ − e
 import torch
 import torch.nn.functional as F
 
+from .reductions import aggregate
+
 
 def _rows(logits, labels, advantages):
     V = logits.shape[-1]
@@ -20,16 +22,6 @@ def _rows(logits, labels, advantages):
     adv = torch.as_tensor(advantages, dtype=torch.float64, device=logits.device)
     adv = adv.expand(labels.shape).reshape(-1)
     return z, lab, adv
-
-
-def reduce_rows(per_row, labels, ignore_index, reduction):
-    """SPEC §2 reductions of per-row losses: "mean" over non-ignored rows (0 when none)."""
-    if reduction == "none":
-        return per_row.reshape(labels.shape)
-    if reduction == "sum":
-        return per_row.sum()
-    n_valid = (labels != ignore_index).sum()
-    return per_row.sum() / n_valid.clamp(min=1)
 
 
 def lco_loss_reference(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9,
@@ -58,7 +50,7 @@ def lco_loss_reference(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9,
     terms = torch.where(target == 0, 0.0, target * (torch.log(target) - log_pi))
     kl = terms.sum(dim=-1)
     per_row = torch.where(valid, adv.abs() * kl, 0.0)
-    return reduce_rows(per_row, labels, ignore_index, reduction)
+    return aggregate(per_row.reshape(labels.shape), labels != ignore_index, reduction)
 
 
 def lco_rows_closed_form(logits, labels, advantages, *, rho_pos=1.8, rho_neg=0.9, ignore_index=-100):

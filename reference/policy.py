@@ -1,12 +1,13 @@
 """Float64 references of the policy-loss family, written the way verl / TRL write them:
 per-token log-probs from log_softmax, the loss formula on them, autograd for the gradient.
 
-``policy_loss_reference(kind, logits, labels, ...)`` returns (per-token loss, aggregated loss)
-and ``aggregate`` follows verl's ``agg_loss`` (plus "mean", "sum" and "sign-mean").
+``policy_loss_reference(kind, logits, labels, ...)`` returns (per-token loss, aggregated loss),
+aggregated by ``reductions.aggregate``.
 """
 import torch
 
 from .lco import lco_loss_reference
+from .reductions import aggregate
 
 
 def token_logprobs(logits, labels, ignore_index):
@@ -35,29 +36,6 @@ def k3_kl(logp, ref_logp):
     """verl's low_var_kl: e^x − x − 1 with x = ref − logp, clamped to [−10, 10]."""
     kl = ref_logp - logp
     return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
-
-
-def aggregate(loss_mat, mask, reduction, advantages=None, max_length=None):
-    mask = mask.double()
-    if reduction == "none":
-        return loss_mat * mask
-    if reduction == "sum":
-        return (loss_mat * mask).sum()
-    if reduction == "mean":
-        return (loss_mat * mask).sum() / mask.sum().clamp(min=1)
-    if reduction == "sign-mean":
-        pos = mask * (advantages > 0)
-        neg = mask * (advantages < 0)
-        return (loss_mat * pos).sum() / pos.sum().clamp(min=1) + (loss_mat * neg).sum() / neg.sum().clamp(min=1)
-    seq_mat = (loss_mat * mask).reshape(-1, loss_mat.shape[-1])
-    seq_mask = mask.reshape(-1, mask.shape[-1])
-    if reduction == "seq-mean-token-sum":
-        return seq_mat.sum(-1).mean()
-    if reduction == "seq-mean-token-mean":
-        return (seq_mat.sum(-1) / seq_mask.sum(-1).clamp(min=1)).mean()
-    if reduction == "seq-mean-token-sum-norm":
-        return seq_mat.sum() / (max_length or loss_mat.shape[-1])
-    raise ValueError(reduction)
 
 
 def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=None, *, ref_logprobs=None,
