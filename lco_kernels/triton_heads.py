@@ -9,12 +9,14 @@ never a subtraction. The torch twin of this file is torch_heads.py.
 import triton
 import triton.language as tl
 
-# Loss kinds (lco_kernels.losses.Loss), as constexpr values the kernel branches on at compile time.
-SFT: tl.constexpr = tl.constexpr(0)
-PG: tl.constexpr = tl.constexpr(1)
-PPO: tl.constexpr = tl.constexpr(2)
-CISPO: tl.constexpr = tl.constexpr(3)
-LCO: tl.constexpr = tl.constexpr(4)
+from .losses import Loss
+
+# The loss kinds as constexpr values the kernel branches on at compile time.
+SFT: tl.constexpr = tl.constexpr(int(Loss.SFT))
+PG: tl.constexpr = tl.constexpr(int(Loss.PG))
+PPO: tl.constexpr = tl.constexpr(int(Loss.PPO))
+CISPO: tl.constexpr = tl.constexpr(int(Loss.CISPO))
+LCO: tl.constexpr = tl.constexpr(int(Loss.LCO))
 
 
 @triton.jit

@@ -25,20 +25,22 @@ import tempfile
 
 import torch
 
+from ..losses import Loss
+
 _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGETS = (80, 90)
 
 # (name, LOSS, HAS_OLD, HAS_REF, DUAL_CLIP): every head variant the public losses can launch.
 HEADS = (
-    ("sft", 0, False, False, False),
-    ("pg", 1, False, False, False),
-    ("ppo", 2, True, False, False),
-    ("ppo+dual", 2, True, False, True),
-    ("ppo+kl", 2, True, True, False),
-    ("ppo+dual+kl", 2, True, True, True),
-    ("cispo", 3, True, False, False),
-    ("lco", 4, False, False, False),
-    ("ppo+lco", 4, True, False, False),
+    ("sft", Loss.SFT, False, False, False),
+    ("pg", Loss.PG, False, False, False),
+    ("ppo", Loss.PPO, True, False, False),
+    ("ppo+dual", Loss.PPO, True, False, True),
+    ("ppo+kl", Loss.PPO, True, True, False),
+    ("ppo+dual+kl", Loss.PPO, True, True, True),
+    ("cispo", Loss.CISPO, True, False, False),
+    ("lco", Loss.LCO, False, False, False),
+    ("ppo+lco", Loss.LCO, True, False, False),
 )
 
 
@@ -78,7 +80,7 @@ def compile_one(job):
     constexprs = {"BLOCK_V": job["BLOCK_V"]}
     if job["kernel"] == "_policy_forward_kernel":
         _, loss, has_old, has_ref, dual = next(h for h in HEADS if h[0] == job["head"])
-        constexprs.update(LOSS=loss, HAS_OLD=has_old, HAS_REF=has_ref, DUAL_CLIP=dual, WITH_STATS=job["stats"])
+        constexprs.update(LOSS=int(loss), HAS_OLD=has_old, HAS_REF=has_ref, DUAL_CLIP=dual, WITH_STATS=job["stats"])
     aligned_args = [n for n in names if n.endswith("_ptr") or n.startswith("stride_") or n == "V"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned_args} if job["aligned"] else {}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
