@@ -8,7 +8,6 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
               "sign-mean")
-SEQUENCE_REDUCTIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def token_weights(valid, advantages, reduction, max_length=None):
