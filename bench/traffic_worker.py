@@ -12,20 +12,29 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 
+import lco_kernels  # noqa: E402
 from bench.variants import liger_available  # noqa: E402
-from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss  # noqa: E402
+from lco_kernels.diagnostics.aot import heads  # noqa: E402
 from lco_kernels.diagnostics.traffic import count_traffic, summarize  # noqa: E402
+from lco_kernels.registry import LOSSES  # noqa: E402
 
 N, V = 8, 5000
 
 
-def ours_cases(old, ref):
-    yield "lco", lambda x, l, a, **k: lco_loss(x, l, a, **k)
-    yield "ppo+lco", lambda x, l, a, **k: lco_loss(x, l, a, old_logprobs=old, **k)
-    yield "sft", lambda x, l, a, **k: sft_loss(x, l, **k)
-    yield "pg", lambda x, l, a, **k: pg_loss(x, l, a, **k)
-    yield "ppo+dual+kl", lambda x, l, a, **k: ppo_loss(x, l, a, old, dual_clip=3.0, ref_logprobs=ref, beta=0.1, **k)
-    yield "cispo", lambda x, l, a, **k: cispo_loss(x, l, a, old, **k)
+def ours_cases(adv, old, ref):
+    """(name, loss function, its arguments after (logits, labels), its options) for every head of the
+    loss registry."""
+    for head in heads():
+        info = LOSSES[head.loss]
+        args = ((adv,) if info.advantages else ()) + ((old,) if info.old_logprobs == "required" else ())
+        options = {}
+        if head.has_old and info.old_logprobs == "optional":
+            options["old_logprobs"] = old
+        if head.dual_clip:
+            options["dual_clip"] = 3.0
+        if head.kl_type is not None:
+            options.update(ref_logprobs=ref, beta=0.1, kl_type=head.kl_type.name.lower())
+        yield head.name, getattr(lco_kernels, f"{head.loss}_loss"), args, options
 
 
 def main():
@@ -36,13 +45,13 @@ def main():
         labels = torch.randint(0, V, (N,))
         adv = torch.randn(N)
         old = torch.log_softmax(z.float(), -1).gather(1, labels[:, None])[:, 0] + 0.05 * torch.randn(N)
-        for name, fn in ours_cases(old, old - 0.1):
+        for name, fn, args, options in ours_cases(adv, old, old - 0.1):
             for inplace in (False, True):
                 for stats in (False, True):
                     x = z.clone().requires_grad_(True)
                     with count_traffic() as launches:
-                        out = fn(x.view_as(x), labels, adv, backend="triton", inplace_backward=inplace,
-                                 return_stats=stats)
+                        out = fn(x.view_as(x), labels, *args, **options, backend="triton",
+                                 inplace_backward=inplace, return_stats=stats)
                         (out[0] if stats else out).backward()
                     rows.append(dict(kernel=f"ours: {name}", dtype=str(dtype)[6:], inplace=inplace, stats=stats,
                                      grad_output="any", **summarize(launches, N, V, z.element_size())))

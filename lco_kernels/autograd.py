@@ -1,11 +1,16 @@
 """torch.autograd glue: one backend launch in forward (sweep 1 + head), one in backward (sweep 2).
 
-The forward keeps O(N) per-row state (alpha, lse_excl) beside the caller's logits; the backward
-folds the reduction weight and the upstream gradient (a scalar, or one value per token for
-"none") into ``coef = alpha × weight × upstream`` per row, so both are applied exactly, without
-another N×V pass and without reading the upstream value on the host.
+The forward keeps O(N) per-row state (stats.ROW_STATE) beside the caller's logits; the backward
+folds the reduction weight, the upstream gradient (a scalar, or one value per token for "none")
+and 1/τ into ``coef = alpha × weight × upstream / τ`` per row (and the entropy's ``ent_coef`` the
+same way), so all are applied exactly, without another N×V pass and without reading the upstream
+value on the host. Second derivatives are not supported: differentiating the gradient raises.
 """
 import torch
+from torch.autograd.function import once_differentiable
+
+from ._plumbing import flat
+from .stats import ROW
 
 
 def as_rows3d(x):
@@ -25,58 +30,76 @@ def as_rows3d(x):
         return x.contiguous().view(-1, x.shape[-2], V)
 
 
-def flat(t, dtype):
-    """A per-token tensor as one contiguous row vector of ``dtype`` (None stays None)."""
-    return None if t is None else t.reshape(-1).to(dtype).contiguous()
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def outputs(ctx, loss, weights, shape, stats):
-    """A Function's outputs: the per-token ``loss`` reduced with ``weights`` (or kept per token, in
-    ``shape``, when None) and the stats buffer (empty when not requested), which has no gradient."""
-    reduced = loss.view(shape) if weights is None else (loss * weights).sum()
+def reduce_rows(ctx, rows, weights, shape, stats, return_entropy):
+    """A Function's outputs (loss, entropy, stats): the per-token loss reduced with ``weights`` (or per
+    token, in ``shape``, when None); the entropy per token when requested (differentiable), else an
+    empty tensor; the statistics (empty when not requested), which have no gradient."""
+    loss = rows[:, ROW["loss"]]
+    reduced = loss.reshape(shape) if weights is None else (loss * weights).sum()
+    entropy = rows[:, ROW["entropy"]].reshape(shape) if return_entropy else rows.new_zeros(0)
     if stats is None:
-        stats = loss.new_zeros(0)
-    ctx.mark_non_differentiable(stats)
-    return reduced, stats
+        stats = rows.new_zeros(0)
+    ctx.mark_non_differentiable(*((stats,) if return_entropy else (stats, entropy)))  # one call: each replaces
+    return reduced, entropy, stats
+
+
+def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad):
+    """(coef, ent_coef or None) per row for the backward sweep."""
+    upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
+    inv_temp = 1.0 / spec.temperature
+    coef = (rows[:, ROW["alpha"]] * upstream * inv_temp).to(rows.dtype).contiguous()
+    if not entropy_grad:
+        return coef, None
+    d_entropy = -spec.entropy_coef * upstream  # the loss holds −entropy_coef·H
+    if grad_entropy is not None and grad_entropy.numel():
+        d_entropy = d_entropy + grad_entropy.reshape(-1)
+    ent_coef = (rows[:, ROW["ent_mask"]] * d_entropy * inv_temp).to(rows.dtype).contiguous()
+    return coef, ent_coef
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """Outputs (loss, stats): loss reduced with ``weights`` (or per token when None); stats is the
-    (N_STATS, N) buffer of the forward sweep, or an empty tensor when not requested."""
+    """Outputs (loss, entropy, stats); see ``reduce_rows``."""
 
     @staticmethod
     def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
-                inplace_backward, backend, with_stats):
+                inplace_backward, backend, with_stats, return_entropy):
         logits3d = as_rows3d(logits)
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(logits.dtype)
         labels_flat = flat(labels, torch.int64)
-        loss, alpha, lse_excl, stats = backend.forward_rows(
-            logits3d, labels_flat, flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec,
-            ignore_index, with_stats)
-        ctx.save_for_backward(logits, labels_flat, alpha, lse_excl, weights)
+        entropy_grad = return_entropy or spec.has_entropy_term
+        rows, stats = backend.forward_rows(
+            logits3d, labels_flat, flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype),
+            spec, ignore_index, entropy_grad or with_stats, with_stats)
+        ctx.save_for_backward(logits, labels_flat, rows, weights)
+        ctx.spec = spec
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
+        ctx.entropy_grad = entropy_grad
         ctx.gradient_written = False
-        return outputs(ctx, loss, weights, labels.shape, stats)
+        return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_entropy, grad_stats):
         if ctx.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")
-        logits, labels_flat, alpha, lse_excl, weights = ctx.saved_tensors
-        upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
-        coef = (alpha * upstream).to(alpha.dtype).contiguous()
-
+        logits, labels_flat, rows, weights = ctx.saved_tensors
+        coef, ent_coef = row_coefficients(ctx.spec, rows, weights, grad_loss, grad_entropy, ctx.entropy_grad)
         logits3d = as_rows3d(logits)
         if ctx.inplace_backward:
             grad3d = logits3d  # the gradient overwrites the logits' storage
         else:
             grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-        ctx.backend.backward_rows(logits3d, labels_flat, coef, lse_excl, grad3d)
+        ctx.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, ctx.spec)
         if ctx.inplace_backward:
             ctx.gradient_written = True
             # Anything else that saved these logits now fails its version check instead of
             # silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        return (grad3d.view(logits.shape),) + (None,) * 10
+        n_others = PolicyLossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
+        return (grad3d.view(logits.shape),) + (None,) * n_others

@@ -17,12 +17,13 @@ accumulator (V × H) + O(N), independent of N × V.
 import math
 
 import torch
-from torch import nn
+from torch.autograd.function import once_differentiable
 
-from ._validation import check_common
-from .autograd import flat, outputs
-from .functional import loss_spec, prepare_tokens, resolve_backend
-from .stats import N_STATS, TokenStats
+from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
+from ._validation import check_linear, check_options
+from .autograd import reduce_rows, row_coefficients
+from .registry import EPSILON, RHO_NEG, RHO_POS
+from .stats import ROW_STATE, STAT_ROWS, TokenStats
 
 # Default logits chunk: as many elements as the larger of ``hidden`` and a quarter of ``weight``,
 # between 1 MiB and 256 MiB. Memory stays O(N·H + V·H); and since each chunk adds its V×H weight
@@ -45,52 +46,48 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
                 ignore_index, chunk_size, accum_dtype, backend, with_stats):
         H = hidden.shape[-1]
-        V = weight.shape[0]
         x = hidden.reshape(-1, H)
         n = x.shape[0]
         labels = flat(labels, torch.int64)
         advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32) for t in (advantages, old_logprobs, ref_logprobs))
-        dev = x.device
-        loss = torch.empty(n, dtype=torch.float32, device=dev)
-        alpha = torch.empty(n, dtype=torch.float32, device=dev)
-        lse_excl = torch.empty(n, dtype=torch.float32, device=dev)
-        stats = torch.empty(N_STATS, n, dtype=torch.float32, device=dev) if with_stats else None
-        needs_grad = any(ctx.needs_input_grad[:3])
-        eager = needs_grad and weights is not None
+        entropy_grad = spec.has_entropy_term
+        rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
+        stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
+        eager = any(ctx.needs_input_grad[:3]) and weights is not None
         grads = _Grads(x, weight, bias, accum_dtype) if eager else None
-        buf = torch.empty(min(chunk_size, max(n, 1)), V, dtype=x.dtype, device=dev)
 
-        for r0 in range(0, n, chunk_size):
-            rows = slice(r0, min(n, r0 + chunk_size))
-            logits = _project(x[rows], weight, bias, buf)
-            out = backend.forward_rows(logits[None], labels[rows], advantages[rows],
-                                       None if old_logprobs is None else old_logprobs[rows],
-                                       None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
-                                       with_stats)
-            loss[rows], alpha[rows], lse_excl[rows] = out[0], out[1], out[2]
+        def forward_chunk(rows, logits):
+            state, chunk_stats = backend.forward_rows(
+                logits, labels[rows], advantages[rows], None if old_logprobs is None else old_logprobs[rows],
+                None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
+                entropy_grad or with_stats, with_stats)
+            rows_state[rows] = state
             if with_stats:
-                stats[:, rows] = out[3]
-            if eager:
-                backend.backward_rows(logits[None], labels[rows], alpha[rows] * weights[rows], lse_excl[rows],
-                                      logits[None])
-                grads.add(rows, logits)
+                stats[rows] = chunk_stats
+            if eager:  # the upstream gradient is one scalar: form the gradients now with upstream 1
+                return row_coefficients(spec, state, weights[rows], torch.ones((), device=x.device), None,
+                                        entropy_grad) + (state,)
+            return None
 
+        _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, forward_chunk)
         ctx.hidden_shape = hidden.shape
         ctx.has_bias = bias is not None
         ctx.eager = eager
         ctx.gradients_returned = False
         ctx.backend = backend
+        ctx.spec = spec
         ctx.chunk_size = chunk_size
         ctx.accum_dtype = accum_dtype
         if eager:
             ctx.save_for_backward(*grads.finish())
         else:
-            ctx.save_for_backward(x, weight, bias, labels, alpha, lse_excl)
-        return outputs(ctx, loss, weights, hidden.shape[:-1], stats)
+            ctx.save_for_backward(x, weight, bias, labels, rows_state, weights)
+        loss, _, stats = reduce_rows(ctx, rows_state, weights, hidden.shape[:-1], stats, return_entropy=False)
+        return loss, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
-        hidden_shape, has_bias = ctx.hidden_shape, ctx.has_bias
         if ctx.eager:
             if ctx.gradients_returned:
                 raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "
@@ -100,22 +97,36 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
             # one upstream scalar: scaling the finished gradients (in place: no second V×H buffer) is exact
             grad_hidden.mul_(grad_loss)
             grad_weight.mul_(grad_loss)
-            if has_bias:
+            if ctx.has_bias:
                 grad_bias.mul_(grad_loss)
         else:
-            x, weight, bias, labels, alpha, lse_excl = ctx.saved_tensors
-            upstream = grad_loss.reshape(-1)
+            x, weight, bias, labels, rows_state, weights = ctx.saved_tensors
             grads = _Grads(x, weight, bias, ctx.accum_dtype)
-            buf = torch.empty(min(ctx.chunk_size, max(x.shape[0], 1)), weight.shape[0], dtype=x.dtype,
-                              device=x.device)
-            for r0 in range(0, x.shape[0], ctx.chunk_size):
-                rows = slice(r0, min(x.shape[0], r0 + ctx.chunk_size))
-                logits = _project(x[rows], weight, bias, buf)
-                ctx.backend.backward_rows(logits[None], labels[rows], alpha[rows] * upstream[rows], lse_excl[rows],
-                                          logits[None])
-                grads.add(rows, logits)
+            coef, ent_coef = row_coefficients(ctx.spec, rows_state, weights, grad_loss, None, ctx.spec.has_entropy_term)
+
+            def backward_chunk(rows, logits):
+                return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
+
+            _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, grads, backward_chunk)
             grad_hidden, grad_weight, grad_bias = grads.finish()
-        return (grad_hidden.view(hidden_shape), grad_weight, grad_bias if has_bias else None) + (None,) * 11
+        n_others = FusedLinearPolicyLoss.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
+        return (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None) + (None,) * n_others
+
+
+def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, per_chunk):
+    """The one loop over token chunks: project a chunk into our buffer, call ``per_chunk(rows, logits)``
+    and, when it returns the chunk's (coef, ent_coef, row state), overwrite the logits with their
+    gradient in place and add the chunk's share to ``grads``."""
+    n = x.shape[0]
+    buf = torch.empty(min(chunk_size, max(n, 1)), weight.shape[0], dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, chunk_size):
+        rows = slice(r0, min(n, r0 + chunk_size))
+        logits = _project(x[rows], weight, bias, buf)[None]
+        coefficients = per_chunk(rows, logits)
+        if coefficients is not None:
+            coef, ent_coef, state = coefficients
+            backend.backward_rows(logits, labels[rows], coef, ent_coef, state, logits, spec)
+            grads.add(rows, logits[0])
 
 
 def _project(x_rows, weight, bias, buf):
@@ -159,90 +170,51 @@ class _Grads:
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="lco", bias=None, old_logprobs=None,
-                             ref_logprobs=None, rho_pos=1.8, rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2,
-                             dual_clip=None, beta=0.0, ignore_index=-100, reduction="mean", loss_mask=None,
-                             max_length=None, chunk_size=None, accum_dtype=torch.float32, return_stats=False,
-                             backend="auto"):
-    """``loss`` ("lco" | "sft" | "pg" | "ppo" | "cispo") of ``hidden @ weight.T (+ bias)`` without the N×V logits.
+                             ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=EPSILON,
+                             epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", temperature=1.0,
+                             entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+                             token_count=None, seq_count=None, chunk_size=None, accum_dtype=torch.float32,
+                             return_stats=False, backend="auto"):
+    """``loss`` (a name in registry.LOSSES) of ``hidden @ weight.T (+ bias)`` without the N×V logits.
 
     hidden: (..., H); weight: (V, H); bias: (V,) or None, all of one floating dtype and device;
-    labels and the per-token inputs as for the matching logits-level loss (``lco_loss``, ...).
-    chunk_size: tokens per chunk (default ``default_chunk_size``). accum_dtype: grad_weight /
+    labels and the per-token inputs and options as for the matching logits-level loss (``lco_loss``,
+    ...). chunk_size: tokens per chunk (default ``default_chunk_size``). accum_dtype: grad_weight /
     grad_bias accumulation dtype across chunks.
     """
-    spec = loss_spec(loss, rho_pos=rho_pos, rho_neg=rho_neg, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                     dual_clip=dual_clip, beta=beta, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-    check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=False, backend=backend,
-                 return_stats=return_stats, max_length=max_length)
-    _check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
+    spec = loss_spec(loss, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
+                     epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
+                     kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature)
+    check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
+                  max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
+                  seq_count=seq_count, device=getattr(hidden, "device", None))
+    check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
     V = weight.shape[0]
     # the vocabulary kernels see chunks of logits of the hidden states' dtype and device
     impl = resolve_backend(backend, hidden)
-    labels, advantages, old_logprobs, ref_logprobs, weights = prepare_tokens(
-        spec, labels, V, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index, reduction=reduction,
-        loss_mask=loss_mask, max_length=max_length)
+    tokens = prepare_tokens(spec, labels, V, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                            reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                            seq_count=seq_count)
     n = labels.numel()
     if chunk_size is None:
         chunk_size = default_chunk_size(n, hidden.shape[-1], V, hidden.element_size())
-    out, stats = FusedLinearPolicyLoss.apply(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs,
-                                             weights, spec, int(ignore_index), int(chunk_size), accum_dtype, impl,
-                                             return_stats)
+    out, stats = FusedLinearPolicyLoss.apply(hidden, weight, bias, tokens.labels, tokens.advantages,
+                                             tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
+                                             int(ignore_index), int(chunk_size), accum_dtype, impl, return_stats)
     if return_stats:
         return out, TokenStats.from_rows(stats, labels.shape, spec)
     return out
 
 
-def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_pos=1.8, rho_neg=0.9,
+def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_pos=RHO_POS, rho_neg=RHO_NEG,
                           ignore_index=-100, reduction="mean", chunk_size=None, accum_dtype=torch.float32,
                           return_stats=False, backend="auto", **options):
     """LCO from hidden states and the LM-head weight: ``lco_loss(hidden @ weight.T + bias, ...)``, fused.
 
     ``options``: the other keyword options of ``lco_loss`` (old_logprobs, epsilon_low, epsilon_high,
-    loss_mask, max_length).
+    ref_logprobs, beta, kl_type, temperature, entropy_coef, loss_mask, max_length, token_count, seq_count).
     """
     return fused_linear_policy_loss(hidden, weight, labels, advantages, loss="lco", bias=bias, rho_pos=rho_pos,
                                     rho_neg=rho_neg, ignore_index=ignore_index, reduction=reduction,
                                     chunk_size=chunk_size, accum_dtype=accum_dtype, return_stats=return_stats,
                                     backend=backend, **options)
-
-
-def _check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype):
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor")
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
-                             or bias.dtype != hidden.dtype or bias.device != hidden.device):
-        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of hidden's dtype and device")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError("labels must be an integer tensor")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]) or labels.device != hidden.device:
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])} on hidden's device, "
-                         f"got {tuple(labels.shape)} on {labels.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
-        raise TypeError(f"accum_dtype must be a floating torch.dtype, got {accum_dtype!r}")
-
-
-class LinearLCOLoss(nn.Module):
-    """``fused_linear_lco_loss`` as a module: forward(hidden, weight, labels, advantages, bias=None)."""
-
-    def __init__(self, rho_pos=1.8, rho_neg=0.9, ignore_index=-100, reduction="mean", chunk_size=None,
-                 accum_dtype=torch.float32, backend="auto"):
-        super().__init__()
-        loss_spec("lco", rho_pos=rho_pos, rho_neg=rho_neg)
-        check_common(ignore_index=ignore_index, reduction=reduction, inplace_backward=False, backend=backend,
-                     return_stats=False, max_length=None)
-        self.options = dict(rho_pos=rho_pos, rho_neg=rho_neg, ignore_index=ignore_index, reduction=reduction,
-                            chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
-
-    def forward(self, hidden, weight, labels, advantages, bias=None):
-        return fused_linear_lco_loss(hidden, weight, labels, advantages, bias=bias, **self.options)
-
-    def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

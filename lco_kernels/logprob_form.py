@@ -10,7 +10,7 @@ log-prob form", gives the measured error).
 """
 import torch
 
-from ._validation import check_common, check_rho, per_token
+from ._validation import check_options, check_rho, per_token
 from .reductions import token_weights
 
 
@@ -19,14 +19,13 @@ def lco_loss_from_logprobs(logprobs, advantages, *, rho_pos=1.8, rho_neg=0.9, ma
     """LCO loss from per-token log-probs ``logprobs`` (differentiable), shaped like ``advantages`` after
     broadcasting; ``mask`` (same shape, optional) marks the tokens that count. Reductions as ``lco_loss``."""
     check_rho(rho_pos, rho_neg)
-    check_common(ignore_index=0, reduction=reduction, inplace_backward=False, backend="torch", return_stats=False,
+    check_options(ignore_index=0, reduction=reduction, backend="torch", return_stats=False,
                  max_length=max_length)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point():
         raise TypeError("logprobs must be a floating-point tensor of per-token log-probabilities")
     adv = per_token("advantages", advantages, logprobs).to(torch.float32 if logprobs.dtype != torch.float64
                                                              else torch.float64)
-    valid = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else per_token("mask", mask, logprobs,
-                                                                                         allow_number=False) != 0
+    valid = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else per_token("mask", mask, logprobs, allow_number=False, allow_bool=True) != 0
     cdt = adv.dtype
     # Masked positions may hold anything (padding often holds 0 = log 1): replace them before any log.
     log_p = torch.where(valid, logprobs.to(cdt), -1.0)

@@ -1,24 +1,39 @@
-"""Per-token statistics computed by the forward sweep (``return_stats=True``); they carry no gradient."""
+"""Per-row buffers the forward sweeps fill, by name: the column layouts shared by both backends,
+and ``TokenStats``, the per-token statistics handed to the user (``return_stats=True``).
+
+Each buffer is (N, K) fp32, one row per token (a row's K values are contiguous and its offset is
+row × K in 64-bit arithmetic).
+"""
 import dataclasses
 from typing import Optional
 
 import torch
 
-from .losses import LossSpec
+from .registry import LossSpec
 
-# Rows of the (N_STATS, N) buffer the forward kernels fill.
-STAT_ROWS = ("logprobs", "entropy", "logit_grad_norm", "target_prob", "clamped", "clipped")
-N_STATS = len(STAT_ROWS)
+
+def _layout(*names):
+    return names, {name: k for k, name in enumerate(names)}
+
+
+# What the forward keeps per row for the backward and the outputs. The last four are written only
+# when the entropy is needed (an entropy term, the entropy output, or stats).
+ROW_STATE, ROW = _layout("loss", "alpha", "m", "log_s", "ent_mask", "log_p", "log_1mp", "entropy")
+# Raw sweep quantities of one vocabulary shard (vocabulary-parallel use): combined across shards,
+# they are all a head needs. ``owned``: 1 where the sampled label lies in this shard.
+PARTIALS, PART = _layout("m", "s", "z_i", "owned", "u", "q")
+# The user-facing statistics (``TokenStats`` fields, in this order).
+STAT_ROWS, STAT = _layout("logprobs", "entropy", "logit_grad_norm", "target_prob", "clamped", "clipped")
 
 
 @dataclasses.dataclass
 class TokenStats:
-    """fp32 tensors shaped like ``labels``; 0 at ignored tokens.
+    """fp32 tensors shaped like ``labels``; 0 at ignored tokens, NaN on NaN rows.
 
-    logprobs: log p_i of the sampled token. entropy: H(π) = lse − Σ p·z. logit_grad_norm:
-    ‖∂L_t/∂z‖₂ of the token's own (unreduced) loss. target_prob, clamped (LCO only): the target
-    probability t = min(ρ·p_i, 1) and whether ρ·p_i ≥ 1. clipped (PPO, CISPO, PPO+LCO): 1 where a
-    clip took the token's gradient away (CISPO: where its weight was capped).
+    logprobs: log p_i of the sampled token (of softmax(z/τ)). entropy: H(π). logit_grad_norm:
+    ‖∂L_t/∂z‖₂ of the token's own (unreduced) policy and KL terms. target_prob, clamped (LCO only):
+    the target probability t = min(ρ·p_i, 1) and whether ρ·p_i ≥ 1. clipped (with old log-probs:
+    PPO, CISPO, PPO+LCO): 1 where a clip took the token's gradient away (CISPO: its weight was capped).
     """
     logprobs: torch.Tensor
     entropy: torch.Tensor
@@ -28,8 +43,8 @@ class TokenStats:
     clipped: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_rows(cls, rows, shape, spec: LossSpec):
-        named = {name: rows[k].view(shape) for k, name in enumerate(STAT_ROWS)}
+    def from_rows(cls, stats, shape, spec: LossSpec):
+        named = {name: stats[:, k].reshape(shape) for k, name in enumerate(STAT_ROWS)}
         if not spec.has_target:
             named["target_prob"] = named["clamped"] = None
         if not spec.can_clip:

@@ -1,14 +1,14 @@
 """The PyTorch backend: the same two sweeps as the Triton kernels, vectorised over chunks of rows.
 
-It has the Triton launchers' interface (``forward_rows`` / ``backward_rows`` on a (B, T, V) view)
-and the same scalar heads (torch_heads.py). Its extra memory is one chunk of about
-``_CHUNK_ELEMENTS`` logits plus the temporaries of the reductions over it, never N×V.
-Computation is in fp32, or fp64 for fp64 logits (used by gradcheck).
+It has triton_backend.py's interface (``forward_rows``, ``sweep_rows``, ``head_rows``,
+``backward_rows`` on a (B, T, V) view) and the same per-row head (torch_heads.py). Its extra memory
+is one chunk of about ``_CHUNK_ELEMENTS`` logits plus the temporaries of the reductions over it,
+never N×V. Computation is in fp32, or fp64 for fp64 logits (used by gradcheck).
 """
 import torch
 
-from .losses import Loss, LossSpec
-from .torch_heads import policy_head, softplus
+from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT_ROWS
+from .torch_heads import row_head
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk of rows
 
@@ -19,12 +19,7 @@ def _compute_dtype(dtype):
 
 def _rows_per_chunk(logits3d):
     B, T, V = logits3d.shape
-    return max(1, min(B * T, _CHUNK_ELEMENTS // V))
-
-
-def _chunk_buffer(logits3d):
-    return torch.empty(_rows_per_chunk(logits3d), logits3d.shape[-1], dtype=_compute_dtype(logits3d.dtype),
-                       device=logits3d.device)
+    return max(1, min(B * T, _CHUNK_ELEMENTS // max(V, 1)))
 
 
 def _row_chunks(logits3d, rows_per_chunk):
@@ -36,79 +31,109 @@ def _row_chunks(logits3d, rows_per_chunk):
             yield slice(seq * T + pos0, seq * T + pos1), logits3d[seq, pos0:pos1]
 
 
-def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec: LossSpec, ignore_index,
-                 with_stats):
-    """Per-row (loss, alpha, lse_excl, stats or None); see triton_kernels.forward_rows."""
+def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
+    """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
     B, T, V = logits3d.shape
-    n = B * T
     cdt = _compute_dtype(logits3d.dtype)
-    dev = logits3d.device
-    z_i = torch.empty(n, dtype=cdt, device=dev)
-    lse_excl = torch.empty(n, dtype=cdt, device=dev)
-    h_excl = torch.empty(n, dtype=cdt, device=dev) if with_stats else None      # entropy of p̃
-    sum_sq = torch.empty(n, dtype=cdt, device=dev) if with_stats else None      # Σ_{j≠i} p̃_j²
-    valid = labels != ignore_index
-    idx = labels.clamp(0, V - 1)[:, None]  # ignored rows: any column, their results are discarded
-    buf = _chunk_buffer(logits3d)
-    for rows, view in _row_chunks(logits3d, buf.shape[0]):
+    n = labels.numel()
+    partials = torch.zeros(n, len(PARTIALS), dtype=cdt, device=labels.device)
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < V) & (labels != ignore_index)
+    idx = torch.where(owned, local, 0)[:, None]
+    inv_temp = 1.0 / spec.temperature
+    step = _rows_per_chunk(logits3d)
+    buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    for rows, view in _row_chunks(logits3d, step):
         z = buf[: view.shape[0]]
-        z.copy_(view)
-        z_i[rows] = z.gather(1, idx[rows])[:, 0]
-        z.scatter_(1, idx[rows], -torch.inf)
-        torch.logsumexp(z, dim=1, out=lse_excl[rows])
-        if with_stats:
-            log_pt = z - lse_excl[rows, None]                       # log p̃ (−inf where masked)
-            pt = log_pt.exp()
-            h_excl[rows] = -torch.where(pt > 0, pt * log_pt, 0.0).sum(dim=1)
-            sum_sq[rows] = (pt * pt).sum(dim=1)
+        torch.mul(view, inv_temp, out=z)
+        here = owned[rows, None]
+        part = partials[rows]
+        part[:, PART["z_i"]] = torch.where(here, z.gather(1, idx[rows]), 0.0)[:, 0]
+        z.scatter_(1, idx[rows], torch.where(here, -torch.inf, z.gather(1, idx[rows])))
+        # the same online quantities as the kernel, in one step per chunk: m = max (NaN propagates),
+        # e = e^{z − m} against 0 while every logit is −inf
+        m = z.amax(dim=1)
+        m_ref = torch.where(torch.isneginf(m), 0.0, m)
+        z.sub_(m_ref[:, None])
+        e = z.exp()
+        part[:, PART["m"]] = m
+        part[:, PART["s"]] = e.sum(dim=1)
+        part[:, PART["owned"]] = owned[rows].to(cdt)
+        if need_entropy:
+            part[:, PART["u"]] = torch.where(e > 0, e * z, 0.0).sum(dim=1)
+            part[:, PART["q"]] = (e * e).sum(dim=1)
+    # ignored rows sweep nothing (as in the kernel): their values are never used
+    return partials
 
-    d = z_i - lse_excl
+
+def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
+              with_stats):
+    """(rows, stats) from (combined) partials; see triton_backend.forward_rows."""
+    cdt = partials.dtype
+    col = {name: partials[:, k] for name, k in PART.items()}
+    valid = labels != ignore_index
     adv = advantages.to(cdt)
     old = old_logprobs.to(cdt) if spec.has_old else None
     ref = ref_logprobs.to(cdt) if spec.has_ref else None
-    loss, alpha, target, clamped, clipped = policy_head(d, adv, old, ref, spec)
-    only_option = torch.isneginf(lse_excl)
-    zero = ~valid | (only_option if spec.kind == Loss.LCO else torch.zeros_like(valid))
-    loss = torch.where(zero, 0.0, loss)
-    alpha = torch.where(zero, 0.0, alpha)
+    (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped) = row_head(
+        col["z_i"], col["m"], col["s"], col["u"], col["q"], valid, col["owned"] > 0.5, adv, old, ref, spec,
+        need_entropy)
+    out = dict(loss=loss, alpha=alpha, m=col["m"], log_s=torch.log(col["s"]), ent_mask=ent_mask, log_p=log_p,
+               log_1mp=log_1mp, entropy=entropy)
+    rows = torch.stack([out[name] for name in ROW_STATE], dim=1)
     stats = None
     if with_stats:
-        log_p, log_1mp = -softplus(-d), -softplus(d)
-        p, one_minus_p = log_p.exp(), log_1mp.exp()
-        h = torch.where(only_option, 0.0, h_excl)
-        entropy = (torch.where(p > 0, -p * log_p, 0.0) + torch.where(one_minus_p > 0, -one_minus_p * log_1mp, 0.0)
-                   + one_minus_p * h)
-        grad_norm = alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, sum_sq))
-        target = torch.where(only_option, 1.0, target)
-        stats = torch.stack([
-            torch.where(valid, log_p, 0.0), torch.where(valid, entropy, 0.0), grad_norm,
-            torch.where(valid, target, 0.0), (valid & clamped).to(cdt), (valid & clipped).to(cdt),
-        ]).to(torch.float32 if cdt == torch.float32 else cdt)
-    return loss, alpha, lse_excl, stats
+        named = dict(logprobs=log_p, entropy=entropy, logit_grad_norm=grad_norm, target_prob=target,
+                     clamped=clamped.to(cdt), clipped=clipped.to(cdt))
+        stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32
+                                                                           else cdt)
+    return rows, stats
 
 
-def backward_rows(logits3d, labels, coef, lse_excl, grad3d):
-    """Write coef·p̃ (and −coef at the label) into ``grad3d``, which may be ``logits3d`` itself."""
+def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
+                 with_stats):
+    """(rows, stats); see triton_backend.forward_rows."""
+    partials = sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, 0)
+    # a label outside [0, V) is owned by no shard: the head makes its row NaN
+    return head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
+                     with_stats)
+
+
+def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
+    """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
-    idx = labels.clamp(0, V - 1)[:, None]  # rows with coef = 0 (ignored ones) are zeroed below
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < V)
+    idx = torch.where(owned, local, 0)[:, None]
     active = coef != 0
+    if ent_coef is not None:
+        active = active | (ent_coef != 0)
     cdt = _compute_dtype(logits3d.dtype)
-    # When the gradient has the compute dtype, build it in place in its destination (3 passes);
-    # otherwise in a chunk buffer, cast on the way out.
-    direct = grad3d.dtype == cdt
-    buf = None if direct else _chunk_buffer(logits3d)
+    inv_temp = 1.0 / spec.temperature
+    m, log_s = rows[:, ROW["m"]], rows[:, ROW["log_s"]]
     step = _rows_per_chunk(logits3d)
-    for (rows, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
+    # When the gradient has the compute dtype, build it in its destination (in place too: each
+    # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
+    direct = grad3d.dtype == cdt
+    buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         g = out if direct else buf[: view.shape[0]]
-        if direct:
-            torch.sub(view, lse_excl[rows, None], out=g)
-        else:
-            g.copy_(view)
-            g.sub_(lse_excl[rows, None])
-        g.exp_().mul_(coef[rows, None])
-        g.scatter_(1, idx[rows], -coef[rows, None])
+        torch.mul(view, inv_temp, out=g)
+        g.sub_(m[rows_, None]).sub_(log_s[rows_, None])            # log p̃
+        here = owned[rows_, None]
+        c = coef[rows_, None]
+        if ent_coef is not None:
+            st = rows[rows_]
+            log_pk = g + st[:, ROW["log_1mp"], None]
+            log_pk.scatter_(1, idx[rows_], torch.where(here, st[:, ROW["log_p"], None], log_pk.gather(1, idx[rows_])))
+            p_k = log_pk.exp()
+            ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
+        g.exp_().mul_(c)
+        g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
+        if ent_coef is not None:
+            g.add_(ent)
         # on CPU, skip the pass when every row is active; on a GPU that test would be a host sync
-        if g.device.type != "cpu" or not bool(active[rows].all()):
-            g.masked_fill_(~active[rows, None], 0.0)
+        if g.device.type != "cpu" or not bool(active[rows_].all()):
+            g.masked_fill_(~active[rows_, None], 0.0)
         if not direct:
             out.copy_(g)

@@ -1,15 +1,29 @@
-"""The per-loss scalar heads in torch: the twin of triton_heads.py, used by the PyTorch backend.
+"""Everything the PyTorch backend computes per row after its sweep: the twin of triton_heads.py.
 
-Same inputs, same outputs, same formulas, vectorised over rows.
+Same inputs, same outputs, same formulas and rules, vectorised over rows (see triton_heads.py for
+the symbols and the derivations). tests/test_heads.py runs both on the same rows.
 """
 import torch
 
-from .losses import Loss, LossSpec
+from .registry import KL, Kind, LossSpec
 
 
 def softplus(x):
     # log(1 + e^x) without overflow and with e^x's digits for very negative x (as in the kernel).
     return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def _logaddexp(a, b):
+    hi = torch.maximum(a, b)
+    lo = torch.minimum(a, b)
+    return torch.where(torch.isneginf(lo), hi, hi + torch.log1p(torch.exp(lo - hi)))
+
+
+def _two_diff(a, b):
+    r = a - b
+    b_virtual = a - r
+    err = (a - (r + b_virtual)) + (b_virtual - b)
+    return r, torch.where(r.isinf(), 0.0, err)
 
 
 def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
@@ -18,27 +32,39 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     abs_adv = adv.abs()
     log_rho = torch.log(rho)
     clamped = (rho > 1) & (log_rho + log_p >= 0)
-    delta = torch.where(rho > 1, torch.log1p((1 - rho) * torch.exp(d)), softplus(torch.log(1 - rho) + d))
+    log_1mt = torch.where(rho > 1, log_1mp + torch.log1p((1 - rho) * torch.exp(d)),
+                          _logaddexp(log_1mp, torch.log(1 - rho) + log_p))
     t = torch.where(clamped, 1.0, rho * p)
     kl_sampled = torch.where(clamped, -log_p, torch.where(t > 0, t * log_rho, 0.0))
-    kl_rest = torch.where(clamped, 0.0, torch.exp(log_1mp + delta) * delta)
+    kl_rest = torch.where(clamped | (t >= 1), 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))
     alpha = abs_adv * torch.where(clamped, torch.exp(log_1mp), (rho - 1) * p)
     return abs_adv * (kl_sampled + kl_rest), alpha, t, clamped
 
 
-def policy_head(d, adv, old_logp, ref_logp, spec: LossSpec):
-    """(loss, alpha, target_prob, clamped, clipped) per row; see triton_heads.policy_head."""
-    log_p = -softplus(-d)
-    log_1mp = -softplus(d)
+def _kl_term(log_p, ref_logp, kl_type):
+    x = log_p - ref_logp
+    if kl_type == KL.K1:
+        return x, torch.ones_like(x)
+    if kl_type == KL.K2:
+        return 0.5 * x * x, x
+    if kl_type == KL.K3:
+        y = (-x).clamp(-20.0, 20.0)
+        k3 = torch.exp(y) - y - 1
+        dkl = torch.where((x.abs() <= 20.0) & (k3 <= 10.0), 1 - torch.exp(y), 0.0)
+        return k3.clamp(-10.0, 10.0), dkl
+    return x.abs(), torch.sign(x)
+
+
+def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
     one_minus_p = torch.exp(log_1mp)
     target = torch.zeros_like(d)
     clamped = torch.zeros_like(d, dtype=torch.bool)
     clipped = torch.zeros_like(d, dtype=torch.bool)
-    if spec.kind == Loss.SFT:
+    if spec.kind == Kind.SFT:
         loss, alpha = -log_p, one_minus_p
-    elif spec.kind == Loss.PG:
+    elif spec.kind == Kind.PG:
         loss, alpha = -adv * log_p, adv * one_minus_p
-    elif spec.kind == Loss.PPO:
+    elif spec.kind == Kind.PPO:
         log_ratio = log_p - old_logp
         ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
         pg_unclipped = -adv * ratio
@@ -52,13 +78,7 @@ def policy_head(d, adv, old_logp, ref_logp, spec: LossSpec):
             clipped = clipped | dual
         live = ~clipped & (log_ratio.abs() <= 20.0)
         alpha = torch.where(live, adv * ratio * one_minus_p, 0.0)
-        if spec.has_ref:
-            x = ref_logp - log_p
-            e_x = torch.exp(x)
-            k3 = e_x - x - 1
-            loss = loss + spec.beta * k3.clamp(max=10.0)
-            alpha = alpha + torch.where(k3 <= 10.0, spec.beta * (e_x - 1) * one_minus_p, 0.0)
-    elif spec.kind == Loss.CISPO:
+    elif spec.kind == Kind.CISPO:
         ratio = torch.exp(log_p - old_logp)
         weight = ratio.clamp(max=1 + spec.epsilon_high)
         loss, alpha = -weight * adv * log_p, weight * adv * one_minus_p
@@ -71,3 +91,41 @@ def policy_head(d, adv, old_logp, ref_logp, spec: LossSpec):
             loss = torch.where(clipped, 0.0, loss)
             alpha = torch.where(clipped, 0.0, alpha)
     return loss, alpha, target, clamped, clipped
+
+
+def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy):
+    """(loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped) per row;
+    see triton_heads.row_head."""
+    only_option = s == 0
+    log_s = torch.log(s)
+    z_rel, z_rel_err = _two_diff(z_i, m)
+    d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
+    log_p = -softplus(-d)
+    log_1mp = -softplus(d)
+    loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
+    if spec.has_ref:
+        kl, dkl = _kl_term(log_p, ref_logp, spec.kl_type)
+        loss = loss + spec.beta * kl
+        alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
+    entropy = torch.zeros_like(d)
+    grad_norm = torch.zeros_like(d)
+    if need_entropy:
+        p, one_minus_p = log_p.exp(), log_1mp.exp()
+        h_excl = torch.where(only_option, 0.0, log_s - u / s)
+        entropy = (torch.where(p > 0, -p * log_p, 0.0) + torch.where(one_minus_p > 0, -one_minus_p * log_1mp, 0.0)
+                   + one_minus_p * h_excl)
+        loss = loss - spec.entropy_coef * entropy
+        grad_norm = alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, q / (s * s))) * (1.0 / spec.temperature)
+    alpha = torch.where(only_option, 0.0, alpha)
+    if spec.kind == Kind.LCO:
+        loss = torch.where(only_option, 0.0, loss)
+    target = torch.where(only_option & valid, 1.0, target)
+    nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned
+    if spec.has_old:
+        nan_row = nan_row | old_logp.isnan()
+    if spec.has_ref:
+        nan_row = nan_row | ref_logp.isnan()
+    loss, alpha, entropy, grad_norm = (torch.where(nan_row, torch.nan, x) for x in (loss, alpha, entropy, grad_norm))
+    ent_mask = torch.where(nan_row, torch.nan, torch.where(only_option, 0.0, 1.0)).to(d.dtype)
+    keep = [torch.where(valid, x, 0.0) for x in (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target)]
+    return (*keep, valid & clamped, valid & clipped)

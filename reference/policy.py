@@ -16,6 +16,11 @@ def token_logprobs(logits, labels, ignore_index):
     return torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
 
 
+def entropy(logits):
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -torch.where(logp.exp() > 0, logp.exp() * logp, 0.0).sum(-1)
+
+
 def ppo_token_loss(logp, old_logp, adv, epsilon_low, epsilon_high, dual_clip=None):
     """verl's compute_policy_loss ("vanilla"), per token; also returns the clipped mask."""
     negative_approx_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
@@ -32,15 +37,22 @@ def ppo_token_loss(logp, old_logp, adv, epsilon_low, epsilon_high, dual_clip=Non
     return torch.where(adv < 0, clip_pg_losses2, clip_pg_losses1), clipped | dual
 
 
-def k3_kl(logp, ref_logp):
-    """verl's low_var_kl: e^x − x − 1 with x = ref − logp, clamped to [−10, 10]."""
-    kl = ref_logp - logp
+def kl_penalty(logp, ref_logp, kl_type="k3"):
+    """verl's kl_penalty (core_algos.kl_penalty_forward) for ``kl_type`` in k1/kl, k2/mse, k3/low_var_kl, abs."""
+    if kl_type in ("k1", "kl"):
+        return logp - ref_logp
+    if kl_type in ("k2", "mse"):
+        return 0.5 * (logp - ref_logp).square()
+    if kl_type == "abs":
+        return (logp - ref_logp).abs()
+    kl = torch.clamp(ref_logp - logp, min=-20, max=20)
     return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
 
 
 def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=None, *, ref_logprobs=None,
                           ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, rho_pos=1.8,
-                          rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, beta=0.0):
+                          rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, beta=0.0, kl_type="k3",
+                          temperature=1.0, entropy_coef=0.0, token_count=None, seq_count=None):
     """(per-token loss, aggregated loss) in float64; differentiable w.r.t. ``logits``.
 
     kind: "sft" | "pg" | "ppo" | "cispo" | "lco" ("lco" with ``old_logprobs`` is PPO+LCO).
@@ -48,6 +60,7 @@ def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=No
     mask = labels != ignore_index
     if loss_mask is not None:
         mask = mask & (loss_mask != 0)
+    logits = logits.double() / temperature
     # SFT has no advantage; for "sign-mean" every token then counts as positive.
     adv = torch.as_tensor(1.0 if advantages is None else advantages).double().expand(labels.shape)
     logp = token_logprobs(logits, labels, ignore_index)
@@ -58,8 +71,6 @@ def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=No
         mat = -adv * logp
     elif kind == "ppo":
         mat, _ = ppo_token_loss(logp, old, adv, epsilon_low, epsilon_high, dual_clip)
-        if beta > 0:
-            mat = mat + beta * k3_kl(logp, ref_logprobs.double())
     elif kind == "cispo":
         ratio = torch.exp(logp - old).detach()
         mat = -torch.clamp(ratio, max=1 + epsilon_high) * adv * logp
@@ -73,5 +84,9 @@ def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=No
             mat = torch.where(outside, 0.0, mat)
     else:
         raise ValueError(kind)
+    if beta > 0:
+        mat = mat + beta * kl_penalty(logp, ref_logprobs.double(), kl_type)
+    if entropy_coef:
+        mat = mat - entropy_coef * entropy(logits)
     mat = torch.where(mask, mat, 0.0)
-    return mat, aggregate(mat, mask, reduction, adv, max_length)
+    return mat, aggregate(mat, mask, reduction, adv, max_length, token_count, seq_count)

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ("torch", "triton")
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ import torch
 
 import reference
 
+BACKENDS = ("torch", "triton")
+
 GRAD_ATOL_FACTOR = {torch.bfloat16: 8e-3, torch.float16: 1e-3}  # × the largest reference element
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
 

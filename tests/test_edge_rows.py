@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import reference
-from conftest import BACKENDS
+from helpers import BACKENDS
 from helpers import assert_grad_close, assert_loss_close, reference_loss_and_grad
 from lco_kernels import lco_loss
 

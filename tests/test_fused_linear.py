@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reference
-from conftest import BACKENDS
+from helpers import BACKENDS
 from lco_kernels import LinearLCOLoss, fused_linear_lco_loss, fused_linear_policy_loss
 from lco_kernels.fused_linear import default_chunk_size
 from lco_kernels.reductions import REDUCTIONS

@@ -2,24 +2,32 @@
 import pytest
 import torch
 
+import lco_kernels
 import reference
-from conftest import BACKENDS
-from helpers import assert_grad_close, assert_loss_close, make_inputs
-from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss
+from helpers import BACKENDS, assert_grad_close, assert_loss_close, make_inputs
+from lco_kernels import lco_loss, ppo_loss
+from lco_kernels.diagnostics.aot import heads
 from lco_kernels.reductions import REDUCTIONS
+from lco_kernels.registry import LOSSES
 
-# (name, our function, reference kind, extra kwargs)
-VARIANTS = [
-    ("sft", sft_loss, "sft", {}),
-    ("pg", pg_loss, "pg", {}),
-    ("ppo", ppo_loss, "ppo", {}),
-    ("ppo-dapo-dual", ppo_loss, "ppo", {"epsilon_low": 0.2, "epsilon_high": 0.28, "dual_clip": 3.0}),
-    ("grpo-kl", ppo_loss, "ppo", {"beta": 0.05, "ref": True}),
-    ("cispo", cispo_loss, "cispo", {"epsilon_high": 0.3}),
-    ("lco", lco_loss, "lco", {}),
-    ("ppo+lco", lco_loss, "lco", {"old": True}),
-]
-NEEDS_OLD = {"ppo", "cispo"}
+
+def _variant(head):
+    """(id, public function, reference kind, extra kwargs) of one kernel head: every loss of the
+    registry with each of its options (old log-probs, dual clip, each KL estimator) on and off."""
+    extra = {}
+    if head.has_old:
+        extra["old"] = True
+    if head.dual_clip:
+        extra.update(dual_clip=3.0, epsilon_high=0.28)  # DAPO's clip-higher with verl's dual clip
+    if head.kl_type is not None:
+        extra.update(ref=True, beta=0.05, kl_type=head.kl_type.name.lower())
+    if head.loss == "cispo":
+        extra["epsilon_high"] = 0.3
+    return head.name, getattr(lco_kernels, f"{head.loss}_loss"), head.loss, extra
+
+
+VARIANTS = [_variant(h) for h in heads()]
+NEEDS_OLD = {name for name, info in LOSSES.items() if info.old_logprobs == "required"}
 
 
 def family_inputs(shape, V, dtype, device, old_noise=0.4):
@@ -35,7 +43,7 @@ def call(fn, name, kind, extra, logits, labels, adv, old, ref, **kw):
     kwargs = {k: v for k, v in extra.items() if k not in ("ref", "old")}
     if extra.get("ref"):
         kwargs["ref_logprobs"] = ref
-    if extra.get("old"):
+    if extra.get("old") and kind not in NEEDS_OLD:
         kwargs["old_logprobs"] = old
     args = (logits, labels) if kind == "sft" else (logits, labels, adv) + ((old,) if kind in NEEDS_OLD else ())
     return fn(*args, **kwargs, **kw)
@@ -46,7 +54,7 @@ def reference_for(kind, extra, logits, labels, adv, old, ref, reduction, **kw):
     kwargs = {k: v for k, v in extra.items() if k not in ("ref", "old")}
     if extra.get("ref"):
         kwargs["ref_logprobs"] = ref.cpu()
-    old_arg = old.cpu() if (kind in NEEDS_OLD or extra.get("old")) else None
+    old_arg = old.cpu() if extra.get("old") else None
     _, loss = reference.policy_loss_reference(kind, z, labels.cpu(), None if kind == "sft" else adv.cpu(), old_arg,
                                               reduction=reduction, **kwargs, **kw)
     (grad,) = torch.autograd.grad(loss, z, torch.ones_like(loss))
@@ -167,7 +175,7 @@ def test_stats_against_float64(name, fn, kind, extra, backend, device):
         assert torch.equal(stats.clamped.cpu()[valid].bool(), (rho * p_i >= 1)[valid])
     else:
         assert stats.target_prob is None and stats.clamped is None
-    if kind in ("ppo", "cispo") or extra.get("old"):
+    if extra.get("old"):
         ratio = torch.exp(logp - old.cpu().double())
         if kind == "cispo":
             expected = ratio > 1 + extra["epsilon_high"]

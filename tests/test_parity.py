@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 from helpers import assert_grad_close, assert_loss_close, make_inputs, reference_loss_and_grad
 from lco_kernels import lco_loss
 

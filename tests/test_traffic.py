@@ -11,7 +11,7 @@ from lco_kernels.diagnostics.traffic import count_traffic, summarize
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="traffic is counted by the Triton interpreter (CPU runs)")
 
-SIDE_BYTES_PER_ROW = 64  # labels, advantages, loss, alpha, lse_excl, coef: O(N), a few scalars per row
+SIDE_BYTES_PER_ROW = 64  # labels, advantages, loss, alpha, m, log s, coef: O(N), a few scalars per row
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -26,7 +26,7 @@ def test_forward_backward_moves_three_NV_in_two_launches(dtype, inplace, reducti
         loss = lco_loss(y, labels, adv, reduction=reduction, inplace_backward=inplace, backend="triton")
         loss.backward(torch.ones_like(loss))
     stats = summarize(launches, B * T, V, logits.element_size())
-    assert [l.kernel for l in launches] == ["_policy_forward_kernel", "_policy_backward_kernel"]
+    assert [l.kernel for l in launches] == ["_forward_kernel", "_backward_kernel"]
     assert stats["launches"] == 2
     assert stats["vocab_elements_per_NV"] == 3.0   # read, read, write: SPEC's bound, met exactly
     assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW
@@ -76,3 +76,34 @@ def test_stats_come_from_the_same_sweep(loss):
     assert stats["launches"] == 2
     assert stats["vocab_elements_per_NV"] <= 3.0
     assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW + 4 * 8  # + the stats rows and ref/old log-probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temperature_and_entropy_term_keep_three_NV_in_two_launches(dtype):
+    """temperature scales inside both sweeps and the entropy bonus's gradient is folded into sweep 2."""
+    from lco_kernels import ppo_loss
+    B, T, V = 2, 3, 5000
+    logits, labels, adv = make_inputs((B, T), V, dtype, ignore_frac=0.0, zero_adv_frac=0.0)
+    old = torch.randn(B, T) - 8
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        ppo_loss(x, labels, adv, old, ref_logprobs=old, beta=0.1, temperature=0.7, entropy_coef=0.01,
+                 backend="triton").backward()
+    stats = summarize(launches, B * T, V, logits.element_size())
+    assert [l.kernel for l in launches] == ["_forward_kernel", "_backward_kernel"]
+    assert launches[1].constexprs["HAS_ENTROPY"]
+    assert stats["vocab_elements_per_NV"] == 3.0
+    assert stats["side_bytes_per_row"] <= SIDE_BYTES_PER_ROW + 4 * 8  # + old/ref and the entropy's row state
+
+
+def test_token_logprobs_read_once_forward_read_and_write_once_backward():
+    from lco_kernels import token_logprobs
+    N, V = 6, 3000
+    logits, labels, _ = make_inputs((N,), V, torch.float32, ignore_frac=0.0)
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        logp, entropy = token_logprobs(x, labels, return_entropy=True, backend="triton")
+    assert summarize(launches, N, V, 4)["vocab_elements_per_NV"] == 1.0
+    with count_traffic() as launches:
+        (logp.sum() + entropy.sum()).backward()
+    assert summarize(launches, N, V, 4)["vocab_elements_per_NV"] == 2.0 and len(launches) == 1

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 from lco_kernels import LCOLoss, cispo_loss, lco_loss, ppo_loss
 from lco_kernels.diagnostics.traffic import count_traffic
 

@@ -8,14 +8,18 @@ What is compiled, for sm_80 and sm_90:
 * the LCO forward kernel and the backward kernel, for every logits dtype and every
   (BLOCK_V, num_warps) ``launch_config`` can return, with and without the 16-divisibility of
   pointers, strides and V (e.g. V = 151936) that allows vector loads;
-* every loss head (each constexpr combination the public losses launch), with and without
-  stats, at the largest BLOCK_V of each dtype — the most registers the sweep can need;
+* every loss head (``heads()``: each constexpr combination the public losses launch, derived from
+  the loss registry), with and without stats, at the largest BLOCK_V of each dtype — the most
+  registers the sweep can need; the entropy-term forward and backward; the vocabulary-parallel
+  sweep-only and head-only modes;
 * the forward kernel with its float hyperparameters typed fp64, as torch.compile may pass them.
 
 ``python -m lco_kernels.diagnostics.aot`` prints the report as JSON; ``run_report()`` runs that
 in a subprocess without TRITON_INTERPRET, so it works from interpreted test sessions too.
 """
 import concurrent.futures
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -25,40 +29,63 @@ import tempfile
 
 import torch
 
-from ..losses import Loss
+from ..registry import KL, LOSSES
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGETS = (80, 90)
 
-# (name, LOSS, HAS_OLD, HAS_REF, DUAL_CLIP): every head variant the public losses can launch.
-HEADS = (
-    ("sft", Loss.SFT, False, False, False),
-    ("pg", Loss.PG, False, False, False),
-    ("ppo", Loss.PPO, True, False, False),
-    ("ppo+dual", Loss.PPO, True, False, True),
-    ("ppo+kl", Loss.PPO, True, True, False),
-    ("ppo+dual+kl", Loss.PPO, True, True, True),
-    ("cispo", Loss.CISPO, True, False, False),
-    ("lco", Loss.LCO, False, False, False),
-    ("ppo+lco", Loss.LCO, True, False, False),
-)
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """One constexpr combination of the forward kernel's head that the public losses can launch."""
+    loss: str
+    has_old: bool = False
+    kl_type: KL | None = None   # None: no reference / KL term
+    dual_clip: bool = False
+
+    @property
+    def name(self):
+        return "+".join([self.loss] + ["old"] * self.has_old + ["dual"] * self.dual_clip
+                        + ([self.kl_type.name.lower()] if self.kl_type is not None else []))
+
+    def constexprs(self):
+        return dict(LOSS=int(LOSSES[self.loss].kind), HAS_OLD=self.has_old, HAS_REF=self.kl_type is not None,
+                    KL_TYPE=int(self.kl_type or 0), DUAL_CLIP=self.dual_clip)
 
 
-def _signature(kernel_name, ptr_type, scalar_type="fp32"):
-    """Argument types as the launcher passes them (small ints are i32, hyperparameters fp32; under
-    torch.compile a Python float hyperparameter may arrive as fp64: ``scalar_type``)."""
-    if kernel_name == "_policy_forward_kernel":
-        sig = {"logits_ptr": ptr_type, "stride_lb": "i32", "stride_lt": "i32", "T": "i32",
-               "labels_ptr": "*i64", "adv_ptr": "*fp32", "old_logp_ptr": "*fp32", "ref_logp_ptr": "*fp32",
-               "loss_ptr": "*fp32", "alpha_ptr": "*fp32", "lse_excl_ptr": "*fp32", "stats_ptr": "*fp32",
-               "N": "i32", "V": "i32", "ignore_index": "i32"}
-        sig.update({k: scalar_type for k in ("rho_pos", "rho_neg", "eps_low", "eps_high", "clip_c", "beta")})
-        sig.update({k: "constexpr" for k in ("LOSS", "HAS_OLD", "HAS_REF", "DUAL_CLIP", "WITH_STATS", "BLOCK_V")})
-        return sig
-    return {"logits_ptr": ptr_type, "stride_lb": "i32", "stride_lt": "i32",
-            "grad_ptr": ptr_type, "stride_gb": "i32", "stride_gt": "i32", "T": "i32",
-            "labels_ptr": "*i64", "coef_ptr": "*fp32", "lse_excl_ptr": "*fp32",
-            "V": "i32", "BLOCK_V": "constexpr"}
+def heads():
+    """Every head variant, derived from the loss registry: each loss with and without its optional
+    old log-probs, dual clip where it has one, with and without the default KL term where it takes
+    advantages; the other KL estimators on one loss (the KL term is loss-independent code)."""
+    out = []
+    for name, info in LOSSES.items():
+        olds = {"required": (True,), "optional": (False, True), "none": (False,)}[info.old_logprobs]
+        duals = (False, True) if "dual_clip" in info.hyperparameters else (False,)
+        kls = (None, KL.K3) if info.advantages else (None,)
+        out += [Head(name, old, kl, dual) for old in olds for dual in duals for kl in kls]
+    out += [Head("pg", kl_type=kl) for kl in KL if kl != KL.K3]
+    return out
+
+
+def _signature(kernel, ptr_type, scalar_type="fp32"):
+    """Argument types as the launcher passes them, from the kernel's own parameter list: the logits and
+    gradient pointers have the logits' type, labels are int64, other pointers fp32, the integer
+    scalars (triton_backend.INT_ARGS) i32, every other scalar a float hyperparameter — fp32, or fp64
+    as torch.compile may pass a Python float (``scalar_type``)."""
+    from ..triton_backend import INT_ARGS
+    sig = {}
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        elif name in ("logits_ptr", "grad_ptr"):
+            sig[name] = ptr_type
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32" if name in INT_ARGS else scalar_type
+    return sig
 
 
 def _cuobjdump():
@@ -72,15 +99,18 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .. import triton_kernels as tk
-    kernel = getattr(tk, job["kernel"])
+    from .. import triton_backend as tb
+    kernel = getattr(tb, job["kernel"])
     dtype = getattr(torch, job["dtype"])
-    signature = _signature(job["kernel"], "*" + _TRITON_TYPE[dtype], job.get("scalars", "fp32"))
+    signature = _signature(kernel, "*" + _TRITON_TYPE[dtype], job.get("scalars", "fp32"))
     names = list(signature)
     constexprs = {"BLOCK_V": job["BLOCK_V"]}
-    if job["kernel"] == "_policy_forward_kernel":
-        _, loss, has_old, has_ref, dual = next(h for h in HEADS if h[0] == job["head"])
-        constexprs.update(LOSS=int(loss), HAS_OLD=has_old, HAS_REF=has_ref, DUAL_CLIP=dual, WITH_STATS=job["stats"])
+    if job["kernel"] == "_forward_kernel":
+        head = next(h for h in heads() if h.name == job["head"])
+        constexprs.update(head.constexprs(), NEED_ENTROPY=job["stats"] or job.get("entropy", False),
+                          WITH_STATS=job["stats"], MODE=job.get("mode", tb.FUSED))
+    else:
+        constexprs.update(HAS_ENTROPY=job.get("entropy", False))
     aligned_args = [n for n in names if n.endswith("_ptr") or n.startswith("stride_") or n == "V"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned_args} if job["aligned"] else {}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -103,33 +133,40 @@ def compile_one(job):
 
 
 def jobs(quick=False):
-    """All configurations; ``quick``: the base forward/backward kernels at the largest BLOCK_V only."""
-    from .. import triton_kernels as tk
+    """All configurations; ``quick``: the base forward/backward kernels at the largest BLOCK_V only.
+
+    Full: both kernels at every (BLOCK_V, num_warps), dtype, arch, aligned or not; at the largest
+    BLOCK_V every head with and without stats, the entropy-gradient backward and the forward with an
+    entropy term, the vocabulary-parallel sweep-only and head-only modes, and the fp64-hyperparameter
+    compile."""
+    from .. import triton_backend as tb
+    kernels = ("_forward_kernel", "_backward_kernel")
+    largest = tb.all_launch_configs()[-1]
     if quick:
         return [dict(kernel=k, head="lco" if "forward" in k else None, stats=False, dtype=str(d).replace("torch.", ""),
-                     BLOCK_V=tk.all_launch_configs()[-1][0], num_warps=tk.all_launch_configs()[-1][1], arch=arch,
-                     aligned=True)
-                for k in ("_policy_forward_kernel", "_policy_backward_kernel") for d in _TRITON_TYPE for arch in TARGETS]
+                     BLOCK_V=largest[0], num_warps=largest[1], arch=arch, aligned=True)
+                for k in kernels for d in _TRITON_TYPE for arch in TARGETS]
     out = []
     for dtype in _TRITON_TYPE:
         name = str(dtype).replace("torch.", "")
-        configs = tk.all_launch_configs()
         for arch in TARGETS:
-            for block_v, num_warps in configs:
+            for block_v, num_warps in tb.all_launch_configs():
                 for aligned in (True, False):
                     base = dict(dtype=name, BLOCK_V=block_v, num_warps=num_warps, arch=arch, aligned=aligned)
-                    out.append(dict(base, kernel="_policy_forward_kernel", head="lco", stats=False))
-                    out.append(dict(base, kernel="_policy_backward_kernel", head=None, stats=False))
-            block_v, num_warps = configs[-1]
-            for head in HEADS:
+                    out.append(dict(base, kernel="_forward_kernel", head="lco", stats=False))
+                    out.append(dict(base, kernel="_backward_kernel", head=None, stats=False))
+            top = dict(dtype=name, BLOCK_V=largest[0], num_warps=largest[1], arch=arch, aligned=True)
+            for head in heads():
                 for stats in (False, True):
-                    if head[0] == "lco" and not stats:
-                        continue  # compiled above
-                    out.append(dict(kernel="_policy_forward_kernel", head=head[0], stats=stats, dtype=name,
-                                    BLOCK_V=block_v, num_warps=num_warps, arch=arch, aligned=True))
+                    if head.name != "lco" or stats:  # plain lco is compiled above
+                        out.append(dict(top, kernel="_forward_kernel", head=head.name, stats=stats))
+            out.append(dict(top, kernel="_forward_kernel", head="ppo+old+dual+k3", stats=False, entropy=True))
+            out.append(dict(top, kernel="_backward_kernel", head=None, stats=False, entropy=True))
+            for mode in (tb.SWEEP, tb.HEAD):
+                out.append(dict(top, kernel="_forward_kernel", head="lco", stats=True, mode=mode))
             # hyperparameters passed as fp64 (torch.compile): still compiles, and computes in fp32
-            out.append(dict(kernel="_policy_forward_kernel", head="ppo+dual+kl", stats=True, dtype=name,
-                            BLOCK_V=block_v, num_warps=num_warps, arch=arch, aligned=True, scalars="fp64"))
+            out.append(dict(top, kernel="_forward_kernel", head="ppo+old+dual+k3", stats=True, scalars="fp64"))
+            out.append(dict(top, kernel="_backward_kernel", head=None, stats=False, entropy=True, scalars="fp64"))
     return out
 
 

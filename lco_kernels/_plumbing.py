@@ -1,0 +1,89 @@
+"""Private plumbing shared by the logits-level and fused-linear losses: backend resolution, the
+checked ``LossSpec`` of a call, and the per-token inputs prepared for the sweeps."""
+import dataclasses
+
+import torch
+
+from . import torch_backend, triton_backend
+from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_kl, check_labels_in_range, check_rho,
+                          per_token)
+from .reductions import token_weights
+from .registry import EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
+
+
+def triton_runs_on_cpu() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1: its kernels then run on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton_backend._forward_kernel, InterpretedFunction)
+
+
+def resolve_backend(backend, tensor):
+    """The backend module for ``backend`` ("auto" | "triton" | "torch") and the logits' (or hidden
+    states') device and dtype."""
+    triton_ok = tensor.is_cuda or (tensor.device.type == "cpu" and triton_runs_on_cpu())
+    if backend == "auto":
+        backend = "triton" if triton_ok and tensor.dtype in TRITON_DTYPES else "torch"
+    if backend == "torch":
+        return torch_backend
+    check_backend_dtype(backend, tensor.dtype)
+    if not triton_ok:
+        raise ValueError(f"backend='triton' needs CUDA tensors (the inputs are on {tensor.device}), or "
+                         "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
+    return triton_backend
+
+
+def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=EPSILON,
+              epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0):
+    """The checked ``LossSpec`` of loss ``name`` (a key of registry.LOSSES) with these options."""
+    info = LOSSES.get(name)
+    if info is None:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
+    check_clip(epsilon_low, epsilon_high, dual_clip)
+    check_kl(beta, kl_type)
+    if "rho_pos" in info.hyperparameters:
+        check_rho(rho_pos, rho_neg)
+    if info.old_logprobs == "required" and old_logprobs is None:
+        raise ValueError(f"loss={name!r} needs old_logprobs (the behaviour policy's log-probs of the labels)")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
+    if ref_logprobs is not None and not info.advantages:
+        raise ValueError(f"loss={name!r} takes no ref_logprobs (a KL term belongs to the RL losses)")
+    return LossSpec(name, rho_pos=float(rho_pos), rho_neg=float(rho_neg), epsilon_low=float(epsilon_low),
+                    epsilon_high=float(epsilon_high), dual_clip=None if dual_clip is None else float(dual_clip),
+                    beta=float(beta), kl_type=KL_NAMES[kl_type], entropy_coef=float(entropy_coef),
+                    temperature=float(temperature),
+                    has_old=old_logprobs is not None and info.old_logprobs != "none",
+                    has_ref=ref_logprobs is not None and beta > 0)
+
+
+@dataclasses.dataclass
+class Tokens:
+    """Per-token inputs of a call, in labels' shape: the loss mask folded into the labels (masked
+    tokens become ``ignore_index``) and the reduction's per-token weights (None for "none")."""
+    labels: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    weights: torch.Tensor | None
+
+
+def prepare_tokens(spec, labels, vocab, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
+                   loss_mask, max_length, token_count, seq_count) -> Tokens:
+    if spec.info.advantages:
+        advantages = per_token("advantages", advantages, labels)
+    else:  # SFT: Ψ plays no part (and counts as positive for "sign-mean")
+        advantages = torch.ones((), device=labels.device).expand(labels.shape)
+    old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False) if spec.has_old else None
+    ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if spec.has_ref else None
+    if loss_mask is not None:
+        labels = labels.masked_fill(per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True) == 0, ignore_index)
+    check_labels_in_range(labels, vocab, ignore_index)
+    if max_length is None:
+        max_length = labels.shape[-1] if labels.dim() else 1
+    weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)
+    return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights)
+
+
+def flat(t, dtype):
+    """A per-token tensor as one contiguous row vector of ``dtype`` (None stays None)."""
+    return None if t is None else t.reshape(-1).to(dtype).contiguous()
