@@ -76,7 +76,8 @@ def prepare_tokens(spec, labels, vocab, advantages, old_logprobs, ref_logprobs, 
     old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False) if spec.has_old else None
     ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if spec.has_ref else None
     if loss_mask is not None:
-        labels = labels.masked_fill(per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True) == 0, ignore_index)
+        mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
+        labels = labels.masked_fill(mask == 0, ignore_index)
     check_labels_in_range(labels, vocab, ignore_index)
     if max_length is None:
         max_length = labels.shape[-1] if labels.dim() else 1

@@ -134,7 +134,8 @@ def check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype):
         raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
                              or bias.dtype != hidden.dtype or bias.device != hidden.device):
         raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of hidden's dtype and device")

@@ -49,7 +49,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         x = hidden.reshape(-1, H)
         n = x.shape[0]
         labels = flat(labels, torch.int64)
-        advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32) for t in (advantages, old_logprobs, ref_logprobs))
+        advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32)
+                                                  for t in (advantages, old_logprobs, ref_logprobs))
         entropy_grad = spec.has_entropy_term
         rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
         stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
@@ -110,7 +111,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
             _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, grads, backward_chunk)
             grad_hidden, grad_weight, grad_bias = grads.finish()
         n_others = FusedLinearPolicyLoss.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
-        return (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None) + (None,) * n_others
+        grads = (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None)
+        return grads + (None,) * n_others
 
 
 def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, per_chunk):

@@ -74,7 +74,8 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     log_rho = tl.log(rho)
     # ρ·p_i ≥ 1: no finite logit shift reaches ρ·p_i; the target is one-hot (t = 1), SPEC §1.
     clamped = (rho > 1.0) & (log_rho + log_p >= 0.0)
-    # log(1 − t), t = ρ·p_i. ρ > 1 (unclamped, so (ρ − 1)·e^d < 1): 1 − t = (1 − p_i)(1 − (ρ − 1)·e^d).
+    # log(1 − t), t = ρ·p_i. ρ > 1 (unclamped, so (ρ − 1)·e^d < 1):
+    # 1 − t = (1 − p_i)(1 − (ρ − 1)·e^d).
     # ρ ≤ 1: 1 − t = (1 − p_i) + (1 − ρ)·p_i, a sum of two positive terms, so no cancellation even
     # when the sampled logit leads by thousands (then log(1 − p_i) ≈ −d and log(1 − t) ≈ log(1 − ρ)).
     log_1mt = tl.where(rho > 1.0, log_1mp + _log1p((1.0 - rho) * tl.exp(d)),
