@@ -23,7 +23,7 @@ def _status(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _inputs(variant, n, vocab, dtype, device, hidden_size):
+def _inputs(n, vocab, dtype, device, hidden_size):
     torch.manual_seed(0)
     labels = torch.randint(0, vocab, (n,), device=device)
     adv = torch.randn(n, device=device)
@@ -37,12 +37,8 @@ def _inputs(variant, n, vocab, dtype, device, hidden_size):
 
 def main(variant, n, vocab, dtype, device, hidden_size=0):
     backend = "triton" if device == "cuda" else "torch"
-    if hidden_size:
-        fn = linear_variant(variant, backend)
-    else:
-        single = make(variant, backend)
-        fn = lambda logits, labels, adv: single(logits, labels, adv)  # noqa: E731
-    tensors, labels, adv = _inputs(variant, n, vocab, getattr(torch, dtype), device, hidden_size)
+    fn = linear_variant(variant, backend) if hidden_size else make(variant, backend)
+    tensors, labels, adv = _inputs(n, vocab, getattr(torch, dtype), device, hidden_size)
 
     def run(ts, lab, a):
         for t in ts:

@@ -43,7 +43,7 @@ def liger_ce(logits, labels, advantages):
 
 
 def make(name, backend):
-    """(fn, leaf_transform) for a variant name."""
+    """fn(logits, labels, advantages) -> loss for a logits-level variant name."""
     if name == "ours":
         return lambda z, l, a: lco_loss(z, l, a, backend=backend)
     if name == "ours-inplace":
