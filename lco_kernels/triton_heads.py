@@ -101,11 +101,12 @@ def _kl_term(log_p, ref_logp, KL_TYPE: tl.constexpr):
         dkl = x
     elif KL_TYPE == K3:
         # verl's low_var_kl: y = clamp(−x, ±20), k3 = e^y − y − 1, clamped to ±10; no gradient
-        # where a clamp binds.
+        # where a clamp binds (k3 ≤ 10 implies |y| < 20: the first clamp only keeps an infinite
+        # x, a p_i or p_ref of 0, from making k3 NaN).
         y = _clamp(-x, -20.0, 20.0)
         k3 = tl.exp(y) - y - 1.0
         kl = _clamp(k3, -10.0, 10.0)
-        dkl = tl.where((tl.abs(x) <= 20.0) & (k3 <= 10.0), 1.0 - tl.exp(y), 0.0)
+        dkl = tl.where(k3 <= 10.0, 1.0 - tl.exp(y), 0.0)
     else:
         kl = tl.abs(x)
         dkl = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
