@@ -45,7 +45,7 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
     for rows, view in _row_chunks(logits3d, step):
         z = buf[: view.shape[0]]
-        torch.mul(view, inv_temp, out=z)
+        z.copy_(view).mul_(inv_temp)  # in the compute dtype: a bf16 product would round z/τ to bf16
         here = owned[rows, None]
         part = partials[rows]
         part[:, PART["z_i"]] = torch.where(here, z.gather(1, idx[rows]), 0.0)[:, 0]
@@ -118,7 +118,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         g = out if direct else buf[: view.shape[0]]
-        torch.mul(view, inv_temp, out=g)
+        g.copy_(view).mul_(inv_temp)
         g.sub_(m[rows_, None]).sub_(log_s[rows_, None])            # log p̃
         here = owned[rows_, None]
         c = coef[rows_, None]

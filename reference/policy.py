@@ -17,8 +17,11 @@ def token_logprobs(logits, labels, ignore_index):
 
 
 def entropy(logits):
+    """H = −Σ p·log p with 0·log 0 = 0, differentiable (log p is zeroed where p = 0 before the product,
+    so no 0·(−inf) reaches autograd)."""
     logp = torch.log_softmax(logits.double(), dim=-1)
-    return -torch.where(logp.exp() > 0, logp.exp() * logp, 0.0).sum(-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
 
 
 def ppo_token_loss(logp, old_logp, adv, epsilon_low, epsilon_high, dual_clip=None):
