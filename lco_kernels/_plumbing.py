@@ -6,7 +6,7 @@ import torch
 
 from . import torch_backend, triton_backend
 from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_kl, check_labels_in_range, check_rho,
-                          per_token)
+                          per_token, real)
 from .reductions import token_weights
 from .registry import EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
 
@@ -38,6 +38,8 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
     info = LOSSES.get(name)
     if info is None:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
+    real("temperature", temperature)
+    real("entropy_coef", entropy_coef)
     check_clip(epsilon_low, epsilon_high, dual_clip)
     check_kl(beta, kl_type)
     if "rho_pos" in info.hyperparameters:

@@ -4,10 +4,9 @@ The forward keeps O(N) per-row state (stats.ROW_STATE) beside the caller's logit
 folds the reduction weight, the upstream gradient (a scalar, or one value per token for "none")
 and 1/τ into ``coef = alpha × weight × upstream / τ`` per row (and the entropy's ``ent_coef`` the
 same way), so all are applied exactly, without another N×V pass and without reading the upstream
-value on the host. Second derivatives are not supported: differentiating the gradient raises.
+value on the host. Second derivatives are not supported: backward(create_graph=True) raises.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._plumbing import flat
 from .stats import ROW
@@ -61,6 +60,14 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
     return coef, ent_coef
 
 
+def refuse_double_backward():
+    """Grad mode is on inside a backward only under create_graph=True: a graph of our gradient would
+    miss its second-order term (a Hessian-vector product would silently drop H·v), so refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("lco_kernels losses have no second derivative: backward with create_graph=True "
+                           "(a Hessian-vector product, a gradient penalty) through them is not supported")
+
+
 class PolicyLossFunction(torch.autograd.Function):
     """Outputs (loss, entropy, stats); see ``reduce_rows``."""
 
@@ -83,8 +90,8 @@ class PolicyLossFunction(torch.autograd.Function):
         return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_entropy, grad_stats):
+        refuse_double_backward()
         if ctx.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")

@@ -17,11 +17,9 @@ accumulator (V × H) + O(N), independent of N × V.
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_linear, check_options
-from .autograd import reduce_rows, row_coefficients
+from .autograd import reduce_rows, refuse_double_backward, row_coefficients
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import ROW_STATE, STAT_ROWS, TokenStats
 
@@ -87,8 +85,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
+        refuse_double_backward()
         if ctx.eager:
             if ctx.gradients_returned:
                 raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "

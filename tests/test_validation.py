@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import BACKENDS
-from lco_kernels import LCOLoss, cispo_loss, lco_loss, ppo_loss
+from lco_kernels import LCOLoss, LinearLCOLoss, cispo_loss, fused_linear_lco_loss, lco_loss, ppo_loss
 from lco_kernels.diagnostics.traffic import count_traffic
 
 
@@ -32,6 +32,23 @@ CASES = [
     ("ignore_index type", None, {"ignore_index": 1.5}, TypeError, "ignore_index"),
     ("inplace type", None, {"inplace_backward": 1}, TypeError, "inplace_backward"),
     ("float64 on triton", lambda z, l, a: (z.double(), l, a), {"backend": "triton"}, TypeError, "triton"),
+    ("advantages None", lambda z, l, a: (z, l, None), {}, ValueError, "advantages is required"),
+    ("advantages bool", lambda z, l, a: (z, l, a > 0), {}, TypeError, "advantages"),
+    ("advantages per sequence without the token axis", lambda z, l, a: (z, l, a[:, 0]), {}, ValueError,
+     r"advantages\[\.\.\., None\]"),
+    ("ignore_index too big", None, {"ignore_index": 2 ** 70}, ValueError, "ignore_index"),
+    ("temperature 0", None, {"temperature": 0.0}, ValueError, "temperature"),
+    ("temperature inf", None, {"temperature": float("inf")}, ValueError, "temperature"),
+    ("entropy_coef type", None, {"entropy_coef": "0.1"}, TypeError, "entropy_coef"),
+    ("kl_type", None, {"kl_type": "k4", "beta": 0.1, "ref_logprobs": torch.zeros(2, 3)}, ValueError, "kl_type"),
+    ("beta without ref", None, {"beta": 0.1}, ValueError, "ref_logprobs"),
+    ("token_count <= 0", None, {"token_count": 0}, ValueError, "token_count"),
+    ("token_count shape", None, {"token_count": torch.ones(2)}, ValueError, "token_count"),
+    ("token_count with sum", None, {"token_count": 4, "reduction": "sum"}, ValueError, "token_count"),
+    ("seq_count with mean", None, {"seq_count": 4}, ValueError, "seq_count"),
+    ("counts with sign-mean", None, {"seq_count": 4, "reduction": "sign-mean"}, ValueError, "sign-mean"),
+    ("inplace into overlapping logits", lambda z, l, a: (z[:1].expand(2, 3, 10), l, a), {"inplace_backward": True},
+     ValueError, "inplace_backward"),
 ]
 
 
@@ -74,6 +91,30 @@ def test_module_validates_at_construction():
         LCOLoss(rho_pos=0.5)
     with pytest.raises(ValueError, match="reduction"):
         LCOLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match="chunk_size"):
+        LinearLCOLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        LinearLCOLoss(temperature=-1.0)
+
+
+def test_fused_linear_bad_input():
+    h, w, l, a = torch.randn(2, 3, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 3)), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_lco_loss(torch.tensor(1.0), w, l, a)
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_lco_loss(h, w[:, :4], l, a)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_lco_loss(h, w, l, a, chunk_size=0)
+
+
+def test_double_backward_raises_instead_of_a_silent_first_order_answer():
+    z, l, a = good()
+    x = z.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(lco_loss(x, l, a), x, create_graph=True)
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(fused_linear_lco_loss(h, torch.randn(10, 8), l, a), h, create_graph=True)
 
 
 def test_device_mismatch_meta():
