@@ -2,7 +2,7 @@
 losses it replaces, all through one vocabulary kernel; exact differentiable token log-probs."""
 from .functional import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss, token_logprobs
 from .fused_linear import fused_linear_lco_loss, fused_linear_policy_loss
-from .logprob_form import lco_loss_from_logprobs
+from .from_logprobs import lco_loss_from_logprobs
 from .modules import LCOLoss, LinearLCOLoss
 from .stats import TokenStats
 
