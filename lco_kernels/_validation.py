@@ -133,12 +133,14 @@ def check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
-                         f"({hidden.dtype}, {hidden.device})")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
-                             or bias.dtype != hidden.dtype or bias.device != hidden.device):
-        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of hidden's dtype and device")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device):
+        raise ValueError(f"bias must be a floating ({weight.shape[0]},) tensor on hidden's device")
+    # mixed dtypes run in the lower precision (autocast's rule); bfloat16 with float16 has no lower one
+    if {torch.bfloat16, torch.float16} <= {t.dtype for t in (hidden, weight, bias) if t is not None}:
+        raise ValueError("hidden, weight and bias mix bfloat16 and float16: cast them to one of the two")
     _check_labels(labels, tuple(hidden.shape[:-1]), hidden.device, "hidden.shape[:-1]")
     check_chunk_size(chunk_size)
     if not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):

@@ -11,8 +11,17 @@ gradient — exact, because it is one number. For reduction="none" the upstream 
 value per token: it must reach each token's α before the projection, so the backward recomputes
 each chunk's logits (a fourth matmul) and runs the gradient sweep with coef = α × upstream.
 
+``fused_linear_token_logprobs`` hands out per-token log-probs (and entropies): their upstream
+gradient is always per token, so its backward recomputes each chunk as reduction="none" does.
+
+Mixed precision follows autocast: ``hidden`` and ``weight`` (and ``bias``) may have different floating
+dtypes; the chunk products run in the lower precision of the two (one cast of the other tensor, as
+autocast caches it), ``grad_weight`` / ``grad_bias`` accumulate across chunks in ``accum_dtype``, and
+every gradient is returned in its input's dtype.
+
 Peak extra memory: one chunk of logits (chunk_size × V) + grad_hidden (N × H) + the fp32 grad_weight
-accumulator (V × H) + O(N), independent of N × V.
+accumulator (V × H) + O(N), independent of N × V (+ the cast copy of ``weight`` or ``hidden`` when
+their dtypes differ).
 """
 import math
 
@@ -42,17 +51,23 @@ def default_chunk_size(n_tokens, hidden_size, vocab, element_bytes):
 class FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
-                ignore_index, chunk_size, accum_dtype, backend, with_stats):
+                ignore_index, chunk_size, accum_dtype, backend, with_stats, return_entropy):
         H = hidden.shape[-1]
-        x = hidden.reshape(-1, H)
+        # autocast's rule: the products in the lower precision of hidden and weight
+        dtype = product_dtype(hidden, weight, bias)
+        x = hidden.reshape(-1, H).to(dtype)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         n = x.shape[0]
         labels = flat(labels, torch.int64)
         advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32)
                                                   for t in (advantages, old_logprobs, ref_logprobs))
-        entropy_grad = spec.has_entropy_term
+        entropy_grad = spec.has_entropy_term or return_entropy
         rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
         stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
-        eager = any(ctx.needs_input_grad[:3]) and weights is not None
+        # a scalar reduction and no per-token output: the upstream gradient will be one number
+        eager = any(ctx.needs_input_grad[:3]) and weights is not None and not return_entropy
         grads = _Grads(x, weight, bias, accum_dtype) if eager else None
 
         def forward_chunk(rows, logits):
@@ -77,15 +92,15 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         ctx.spec = spec
         ctx.chunk_size = chunk_size
         ctx.accum_dtype = accum_dtype
+        ctx.entropy_grad = entropy_grad
         if eager:
-            ctx.save_for_backward(*grads.finish())
+            ctx.save_for_backward(*grads.finish(*ctx.input_dtypes))
         else:
             ctx.save_for_backward(x, weight, bias, labels, rows_state, weights)
-        loss, _, stats = reduce_rows(ctx, rows_state, weights, hidden.shape[:-1], stats, return_entropy=False)
-        return loss, stats
+        return reduce_rows(ctx, rows_state, weights, hidden.shape[:-1], stats, return_entropy)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
+    def backward(ctx, grad_loss, grad_entropy, grad_stats):
         refuse_double_backward()
         if ctx.eager:
             if ctx.gradients_returned:
@@ -101,13 +116,14 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         else:
             x, weight, bias, labels, rows_state, weights = ctx.saved_tensors
             grads = _Grads(x, weight, bias, ctx.accum_dtype)
-            coef, ent_coef = row_coefficients(ctx.spec, rows_state, weights, grad_loss, None, ctx.spec.has_entropy_term)
+            coef, ent_coef = row_coefficients(ctx.spec, rows_state, weights, grad_loss, grad_entropy,
+                                              ctx.entropy_grad)
 
             def backward_chunk(rows, logits):
                 return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
 
             _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, grads, backward_chunk)
-            grad_hidden, grad_weight, grad_bias = grads.finish()
+            grad_hidden, grad_weight, grad_bias = grads.finish(*ctx.input_dtypes)
         n_others = FusedLinearPolicyLoss.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
         grads = (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None)
         return grads + (None,) * n_others
@@ -131,14 +147,23 @@ def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, per_c
 
 def _project(x_rows, weight, bias, buf):
     logits = buf[: x_rows.shape[0]]
-    torch.matmul(x_rows, weight.t(), out=logits)
-    if bias is not None:
-        logits += bias
+    if bias is None:
+        torch.matmul(x_rows, weight.t(), out=logits)
+    else:  # the bias inside the GEMM: one rounding to the logits' dtype, as F.linear (and autocast) do
+        torch.addmm(bias, x_rows, weight.t(), out=logits)
     return logits
 
 
+def product_dtype(hidden, weight, bias):
+    """The dtype of the chunk products: the lowest precision among the inputs, as autocast would pick.
+    bfloat16 with float16 has no lower one (checked by check_linear)."""
+    dtypes = [t.dtype for t in (hidden, weight, bias) if t is not None]
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
 class _Grads:
-    """grad_hidden (input dtype) and grad_weight / grad_bias accumulated in ``accum_dtype`` across chunks."""
+    """grad_hidden and grad_weight / grad_bias accumulated in ``accum_dtype`` across chunks; ``x``,
+    ``weight``, ``bias`` are those of the products (the lower precision when the inputs' dtypes differ)."""
 
     def __init__(self, x, weight, bias, accum_dtype):
         self.weight = weight
@@ -164,9 +189,10 @@ class _Grads:
         if self.bias_acc is not None:
             self.bias_acc += grad_logits.sum(dim=0, dtype=self.bias_acc.dtype)
 
-    def finish(self):
-        grad_bias = None if self.bias_acc is None else self.bias_acc.to(self.bias.dtype)
-        return self.hidden, self.weight_acc.to(self.weight.dtype), grad_bias
+    def finish(self, hidden_dtype, weight_dtype, bias_dtype):
+        """The gradients in the inputs' own dtypes (the accumulators cast once, never via the product dtype)."""
+        grad_bias = None if self.bias_acc is None else self.bias_acc.to(bias_dtype)
+        return self.hidden.to(hidden_dtype), self.weight_acc.to(weight_dtype), grad_bias
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="lco", bias=None, old_logprobs=None,
@@ -177,10 +203,11 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                              return_stats=False, backend="auto"):
     """``loss`` (a name in registry.LOSSES) of ``hidden @ weight.T (+ bias)`` without the N×V logits.
 
-    hidden: (..., H); weight: (V, H); bias: (V,) or None, all of one floating dtype and device;
-    labels and the per-token inputs and options as for the matching logits-level loss (``lco_loss``,
-    ...). chunk_size: tokens per chunk (default ``default_chunk_size``). accum_dtype: grad_weight /
-    grad_bias accumulation dtype across chunks.
+    hidden: (..., H); weight: (V, H); bias: (V,) or None, floating, on one device (mixed dtypes: the
+    products run in the lower precision, see the module docstring); labels and the per-token inputs
+    and options as for the matching logits-level loss (``lco_loss``, ...). chunk_size: tokens per
+    chunk (default ``default_chunk_size``). accum_dtype: grad_weight / grad_bias accumulation dtype
+    across chunks.
     """
     spec = loss_spec(loss, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
@@ -189,21 +216,49 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                   max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
                   seq_count=seq_count, device=getattr(hidden, "device", None))
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
-    V = weight.shape[0]
-    # the vocabulary kernels see chunks of logits of the hidden states' dtype and device
-    impl = resolve_backend(backend, hidden)
-    tokens = prepare_tokens(spec, labels, V, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
-                            reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
-                            seq_count=seq_count)
-    n = labels.numel()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(n, hidden.shape[-1], V, hidden.element_size())
-    out, stats = FusedLinearPolicyLoss.apply(hidden, weight, bias, tokens.labels, tokens.advantages,
-                                             tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
-                                             int(ignore_index), int(chunk_size), accum_dtype, impl, return_stats)
+    tokens = prepare_tokens(spec, labels, weight.shape[0], advantages, old_logprobs, ref_logprobs,
+                            ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                            token_count=token_count, seq_count=seq_count)
+    out, _, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
+                           return_stats, return_entropy=False)
     if return_stats:
         return out, TokenStats.from_rows(stats, labels.shape, spec)
     return out
+
+
+def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                                return_entropy=False, chunk_size=None, accum_dtype=torch.float32, backend="auto"):
+    """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without the N×V logits.
+
+    fp32 log p_i of softmax(logits / τ) in labels' shape (0 at ignored positions), differentiable
+    w.r.t. hidden, weight and bias; with ``return_entropy``, ``(logprobs, entropy)``, both
+    differentiable. The backward recomputes each chunk's logits (the upstream gradient is per token)
+    and takes 1 − p_i from the log domain, as ``token_logprobs``. Shapes, dtypes (mixed allowed),
+    ``chunk_size`` and ``accum_dtype`` as ``fused_linear_policy_loss``.
+    """
+    spec = loss_spec("sft", temperature=temperature)
+    check_options(ignore_index=ignore_index, reduction="none", backend=backend, return_stats=False, max_length=None,
+                  temperature=temperature, device=getattr(hidden, "device", None))
+    check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
+    tokens = prepare_tokens(spec, labels, weight.shape[0], None, None, None, ignore_index=ignore_index,
+                            reduction="none", loss_mask=None, max_length=None, token_count=None, seq_count=None)
+    loss, entropy, _ = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
+                              False, return_entropy)
+    # the SFT head's loss is −log p_i, exactly (a negation rounds nothing)
+    return (-loss, entropy) if return_entropy else -loss
+
+
+def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,
+           return_entropy):
+    dtype = product_dtype(hidden, weight, bias)
+    # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device
+    impl = resolve_backend(backend, hidden.new_empty(0, dtype=dtype))
+    if chunk_size is None:
+        chunk_size = default_chunk_size(tokens.labels.numel(), hidden.shape[-1], weight.shape[0],
+                                        torch.finfo(dtype).bits // 8)
+    return FusedLinearPolicyLoss.apply(hidden, weight, bias, tokens.labels, tokens.advantages, tokens.old_logprobs,
+                                       tokens.ref_logprobs, tokens.weights, spec, int(ignore_index), int(chunk_size),
+                                       accum_dtype, impl, with_stats, return_entropy)
 
 
 def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_pos=RHO_POS, rho_neg=RHO_NEG,
