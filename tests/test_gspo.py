@@ -5,6 +5,8 @@ needs); ``import lco_kernels`` never imports it. verl is fed float64 log-probs f
 same (rounded) logits; the parity figures are printed by
 ``python -m pytest -s tests/test_gspo.py -k parity``.
 """
+import os
+
 import pytest
 import torch
 from verl.trainer.ppo import core_algos
@@ -13,6 +15,7 @@ from verl.workers.config import FSDPActorConfig
 
 from helpers import BACKENDS, assert_grad_close, assert_loss_close
 from lco_kernels import fused_linear_gspo_loss, gspo_loss
+from lco_kernels.diagnostics.traffic import count_traffic, summarize
 
 # our reduction -> verl's loss_agg_mode
 VERL_MODES = {"mean": "token-mean", "seq-mean-token-mean": "seq-mean-token-mean",
@@ -135,6 +138,19 @@ def test_fused_linear_form_equals_unfused(with_bias):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * float(r.abs().max()))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="traffic is counted by the Triton interpreter (CPU runs), as in test_traffic.py")
+def test_same_vocabulary_traffic_as_a_fused_head():
+    """GSPO on token_logprobs: 2 launches over the logits and 3.0 × N·V elements, as ppo_loss; the rest is O(N)."""
+    logits, labels, adv, old = gspo_inputs(B=2, T=3, V=3001)
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        gspo_loss(x, labels, adv, old, backend="triton").backward()
+    stats = summarize(launches, labels.numel(), logits.shape[-1], logits.element_size())
+    assert [launch.kernel for launch in launches] == ["_forward_kernel", "_backward_kernel"]
+    assert stats["vocab_elements_per_NV"] == 3.0
 
 
 def test_bad_input():
