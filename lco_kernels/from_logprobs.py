@@ -12,10 +12,10 @@ subtraction. Fed by ``token_logprobs`` — which keeps log p_i's digits for conf
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._plumbing import loss_spec
 from ._validation import check_options, label_check_reads_device, per_token
+from .autograd import refuse_double_backward
 from .reductions import token_weights
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import TokenStats
@@ -56,8 +56,8 @@ class _HeadOnLogprobs(torch.autograd.Function):
         return loss, target, clamped, clipped
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *_):
+        refuse_double_backward()  # the saved derivative carries no graph: no second-order term
         (dloss,) = ctx.saved_tensors
         return grad_loss * dloss, None, None, None, None
 

@@ -173,6 +173,13 @@ def test_bad_input():
         lco_loss_from_logprobs(logprobs, adv, reduction="sum", token_count=4)
 
 
+def test_double_backward_is_refused():
+    logprobs = (-torch.rand(2, 3)).requires_grad_(True)
+    loss = lco_loss_from_logprobs(logprobs, torch.randn(2, 1))
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, logprobs, create_graph=True)
+
+
 def test_return_stats():
     logits, labels, adv = make_inputs((2, 5), 40, torch.float32)
     old = reference.token_logprobs(logits, labels, -100).float() + 0.3 * torch.randn(labels.shape)
