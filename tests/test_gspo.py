@@ -1,7 +1,8 @@
 """gspo_loss against verl 0.9.1's own ``gspo`` policy loss (``core_algos.compute_policy_loss_gspo``).
 
-verl is a test dependency (``pip install --no-deps verl==0.9.1`` and the few packages its import
-needs); ``import lco_kernels`` never imports it. verl is fed float64 log-probs from log_softmax of the
+verl is a test dependency, installed by .ci/run (``pip install --no-deps verl==0.9.1`` and the few
+packages its import needs), as for tests/test_training_loop.py's KL check; ``import lco_kernels``
+never imports it, and the tests here that do not compare with verl run without it. verl is fed float64 log-probs from log_softmax of the
 same (rounded) logits; the parity figures are printed by
 ``python -m pytest -s tests/test_gspo.py -k parity``.
 """
@@ -9,8 +10,6 @@ import os
 
 import pytest
 import torch
-from verl.trainer.ppo import core_algos
-from verl.workers.config import FSDPActorConfig
 
 
 from helpers import BACKENDS, assert_grad_close, assert_loss_close
@@ -39,6 +38,8 @@ def gspo_inputs(B=4, T=9, V=300, dtype=torch.float32):
 
 def verl_gspo(logits, labels, adv, old, mode, temperature=1.0, eps=(3e-4, 4e-4)):
     """verl's loss and its float64 gradient w.r.t. the logits."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    from verl.workers.config import FSDPActorConfig
     cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=eps[0],
                           clip_ratio_high=eps[1], loss_agg_mode=mode)
     x = logits.detach().double().requires_grad_(True)
