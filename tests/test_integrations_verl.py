@@ -3,6 +3,9 @@
 
 Skipped only when the "integrations" extra (and verl) is not installed; CI installs it.
 """
+import sys
+import warnings
+
 import pytest
 import torch
 
@@ -146,12 +149,14 @@ def test_precision_on_confident_tokens(lead):
     assert err["token_logprobs"] < 1e-5
 
 
-def test_use_exact_logprobs_patches_verl_modules():
-    import verl.workers.rollout.naive.naive_rollout as naive  # imports logprobs_from_logits by name
-    original = verl_functional.logprobs_from_logits
-    try:
-        lco_verl.use_exact_logprobs()
-        assert verl_functional.logprobs_from_logits is lco_verl.exact_logprobs_from_logits
-        assert naive.logprobs_from_logits is lco_verl.exact_logprobs_from_logits
-    finally:
-        verl_functional.logprobs_from_logits = naive.logprobs_from_logits = original
+def test_use_exact_logprobs_patches_verl_modules(monkeypatch):
+    with warnings.catch_warnings():  # its ray import warns about ray.experimental, not our concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import verl.workers.rollout.naive.naive_rollout as naive  # imports logprobs_from_logits by name
+    holders = [m for name, m in list(sys.modules.items())
+               if name.startswith("verl") and hasattr(m, "logprobs_from_logits")]
+    for module in holders:  # monkeypatch restores every patched module after the test
+        monkeypatch.setattr(module, "logprobs_from_logits", module.logprobs_from_logits)
+    lco_verl.use_exact_logprobs()
+    assert verl_functional.logprobs_from_logits is lco_verl.exact_logprobs_from_logits
+    assert naive.logprobs_from_logits is lco_verl.exact_logprobs_from_logits
