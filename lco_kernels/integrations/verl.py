@@ -1,0 +1,123 @@
+"""verl: importing this module registers the library's LCO with verl's ``register_policy_loss``.
+
+    # in the process that builds verl's actor (or every Ray worker: VERL_USE_EXTERNAL_MODULES, below)
+    import lco_kernels.integrations.verl
+    # config: actor_rollout_ref.actor.policy_loss.loss_mode=lco
+
+Registered names:
+- ``"lco"``: |Ψ|·KL(π' ‖ π) per token, with the PPO+LCO trust region from ``old_log_prob`` (a token
+  whose ratio p/p_old has left [1 − clip_ratio_low, 1 + clip_ratio_high] in the direction of its
+  advantage gets no loss and no gradient; on-policy, old == current, it is plain LCO).
+  ``rollout_is_weights`` (positive) scale |Ψ|; ``loss_agg_mode`` and ``config.global_batch_info``
+  are applied by verl's own ``agg_loss``. verl adds its entropy bonus and KL loss itself.
+
+ρ: verl's ``PolicyLossConfig`` is a frozen dataclass with no room for it, so the loss reads
+``rho_pos`` / ``rho_neg`` from ``config.policy_loss`` when present (a plain DictConfig), else from the
+environment variables ``LCO_RHO_POS`` / ``LCO_RHO_NEG`` (set them in the Ray runtime env), else
+1.8 / 0.9. ``register_lco_policy_loss(name, rho_pos=..., rho_neg=...)`` registers more variants.
+
+Ray workers import this module when verl is imported with
+``VERL_USE_EXTERNAL_MODULES=lco_kernels.integrations.verl`` in their environment.
+
+Precision: verl's hook sees per-token log-probs, not logits, so LCO runs in its log-prob form;
+the gradient is exact only as far as the log-probs verl hands over are (README, "Use with verl",
+gives the measured error). ``use_exact_logprobs()`` (or ``LCO_VERL_EXACT_LOGPROBS=1`` at import)
+replaces verl's ``logprobs_from_logits`` by ``lco_kernels.token_logprobs``, whose backward takes
+1 − p_i from the log domain.
+"""
+import os
+import sys
+
+import torch
+import verl.utils.torch_functional as verl_functional
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+
+import lco_kernels
+
+_DEFAULT_RHO = (1.8, 0.9)
+
+
+def lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                    rollout_is_weights=None, *, rho=None):
+    """verl policy loss (the signature of ``core_algos.compute_policy_loss_vanilla``): LCO with the PPO
+    trust region. ``rho`` = (rho_pos, rho_neg) fixes ρ (``register_lco_policy_loss``); None reads it
+    from the config or the environment (module docstring)."""
+    if config is None:
+        raise ValueError("config (verl's ActorConfig) is required: it carries the clip ratios and global_batch_info")
+    rho_pos, rho_neg = _rho(config) if rho is None else rho
+    clip = config.clip_ratio
+    epsilon_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    epsilon_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    if rollout_is_weights is not None:
+        # A positive per-token weight w: w·|Ψ|·KL = |w·Ψ|·KL with Ψ's sign (hence ρ) unchanged.
+        advantages = advantages * rollout_is_weights
+    with torch.no_grad():
+        # PPO+LCO's trust region, as lco_loss(old_logprobs=...) applies it (torch_heads._policy_term):
+        # lco_loss_from_logprobs has no old_logprobs, so the hook zeroes those tokens' advantages itself.
+        ratio = torch.exp(log_prob - old_log_prob)
+        clipped = ((advantages > 0) & (ratio > 1 + epsilon_high)) | ((advantages < 0) & (ratio < 1 - epsilon_low))
+    per_token = lco_kernels.lco_loss_from_logprobs(log_prob, torch.where(clipped, 0.0, advantages), rho_pos=rho_pos,
+                                                   rho_neg=rho_neg, mask=response_mask, reduction="none")
+    loss = agg_loss(loss_mat=per_token, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
+                    **config.global_batch_info)
+    with torch.no_grad():
+        mask = response_mask.float()
+        p = log_prob.exp()
+        rho_p = torch.where(advantages > 0, rho_pos, rho_neg) * p
+        stats = {"actor/pg_clipfrac": clipped, "actor/ppo_kl": old_log_prob - log_prob,
+                 "actor/lco_clamped_frac": rho_p >= 1, "actor/lco_target_prob": rho_p.clamp(max=1.0),
+                 "actor/lco_token_prob": p}
+        n = mask.sum().clamp(min=1.0)
+        metrics = {name: ((value.float() * mask).sum() / n).item() for name, value in stats.items()}
+    return loss, metrics
+
+
+def register_lco_policy_loss(name, *, rho_pos, rho_neg):
+    """Register LCO with fixed ρ under ``name`` (e.g. "lco_r2" for rho_pos=2.0); ρ is checked on each call."""
+    rho = (float(rho_pos), float(rho_neg))
+
+    def loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+             rollout_is_weights=None):
+        return lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                               rollout_is_weights, rho=rho)
+
+    register_policy_loss(name)(loss)
+    return loss
+
+
+def _rho(config):
+    policy = config.get("policy_loss") or {}
+    values = []
+    for key, env, default in (("rho_pos", "LCO_RHO_POS", _DEFAULT_RHO[0]), ("rho_neg", "LCO_RHO_NEG", _DEFAULT_RHO[1])):
+        value = policy.get(key) if hasattr(policy, "get") else None
+        if value is None:
+            value = os.environ.get(env, default)
+        try:
+            values.append(float(value))
+        except ValueError:
+            raise ValueError(f"{env} must be a number, got {value!r}") from None
+    return tuple(values)
+
+
+def exact_logprobs_from_logits(logits, labels, inplace_backward=True):
+    """Drop-in for verl's ``logprobs_from_logits``: ``lco_kernels.token_logprobs`` (fp32 log p(label))."""
+    return lco_kernels.token_logprobs(logits, labels, inplace_backward=inplace_backward)
+
+
+def use_exact_logprobs():
+    """Make verl compute per-token log-probs with ``lco_kernels.token_logprobs``.
+
+    Patches ``verl.utils.torch_functional.logprobs_from_logits`` and every already imported verl module
+    that imported it by name (the engines do, at import); call it before the actor runs.
+    """
+    original = verl_functional.logprobs_from_logits
+    if original is exact_logprobs_from_logits:
+        return
+    for name, module in list(sys.modules.items()):
+        if name.startswith("verl") and getattr(module, "logprobs_from_logits", None) is original:
+            module.logprobs_from_logits = exact_logprobs_from_logits
+
+
+register_policy_loss("lco")(lco_policy_loss)
+if os.environ.get("LCO_VERL_EXACT_LOGPROBS", "0") == "1":
+    use_exact_logprobs()
