@@ -1,5 +1,5 @@
 """``python -m bench [--quick]``: the benchmark suite, on CPU or on the GPU it finds.
-``python -m bench stability [--quick]``: the paper's claims reproduced with our losses (bench/stability.py).
+``python -m bench stability [--quick] [--part PART]``: the paper's claims reproduced with our losses (bench/stability/).
 
 Prints Markdown tables (stdout), progress (stderr), and writes record.json, table.md and PNG plots
 under bench/results/<time>-<device>/ (or --out).
@@ -22,6 +22,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one small shape and a subset of the static report "
                         "(under 2 minutes on 2 CPU cores; what CI smoke-runs)")
     parser.add_argument("--out", help="directory for record.json, table.md and plots")
+    parser.add_argument("--part", action="append", choices=("claims", "small-task"),
+                        help="stability: run only this experiment (repeatable; default all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case on CPU (default 5, quick 3)")
     args = parser.parse_args(argv)
 
@@ -97,11 +99,12 @@ def main(argv=None):
 def stability_main(args):
     from bench import stability
     env = suite.environment()
+    parts = args.part or stability.PARTS
     out_dir = args.out or os.path.join(suite.ROOT, "bench", "results",
                                        f"{time.strftime('%Y%m%d-%H%M%S')}-stability{'-quick' if args.quick else ''}")
     sections = [f"# Does LCO stabilise training? — {env['device']}\n\n"
                 f"`{' '.join(['python -m bench'] + sys.argv[1:])}` · torch {env['torch']} · commit {env['commit']}\n"]
-    sections += stability.main(args.quick, out_dir, suite.log)
+    sections += stability.main(args.quick, out_dir, suite.log, parts)
     text = "\n\n".join(sections) + "\n"
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text)

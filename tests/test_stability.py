@@ -1,13 +1,13 @@
-"""The paper's claims, asserted on what bench/stability.py measures with our own losses (torch backend)."""
+"""The paper's claims, asserted on what bench/stability/ measures with our own losses (torch backend)."""
 import pytest
 import torch
 
-from bench import stability
+from bench.stability import claims, small_task
 
 
 @pytest.fixture(scope="module")
 def curves():
-    return stability.gradient_dynamics(steps=200)
+    return claims.gradient_dynamics(steps=200)
 
 
 def _monotone_down(xs):
@@ -41,23 +41,24 @@ def test_lco_negative_lowers_the_sampled_probability_smoothly(curves):
 
 
 def test_logits_convexity():
-    eigs = stability.hessian_eigenvalues(points=4)
+    eigs = claims.hessian_eigenvalues(points=4)
     for name in ("SFT", "PG, Ψ > 0", "LCO, Ψ > 0", "LCO, Ψ > 0, clamped", "LCO, Ψ < 0"):
-        assert stability.curvature(*eigs[name]) == "PSD (convex)", name
-    assert stability.curvature(*eigs["PG, Ψ < 0"]) == "NSD (concave)"
+        assert claims.curvature(*eigs[name]) == "PSD (convex)", name
+    assert claims.curvature(*eigs["PG, Ψ < 0"]) == "NSD (concave)"
     for name in ("PG-IS, Ψ > 0", "PG-IS, Ψ < 0"):
-        assert stability.curvature(*eigs[name]) == "indefinite", name
+        assert claims.curvature(*eigs[name]) == "indefinite", name
 
 
 def test_task_reward():
     prompts = torch.tensor([0, 0, 2, 3])
     tokens = torch.tensor([[1, 2, 3], [1, 1, 3], [2, 5, 9], [4, 5, 11]])
-    assert stability.reward(prompts, tokens).tolist() == [1.0, -1.0, -1.0, 1.0]
+    assert small_task.reward(prompts, tokens).tolist() == [1.0, -1.0, -1.0, 1.0]
 
 
-@pytest.mark.parametrize("method", stability.RL_METHODS)
+@pytest.mark.parametrize("method", small_task.RL_METHODS)
 def test_rl_runs_reproduce_from_their_seed(method):
-    a = stability.train(method, 1e-3, seed=3, steps=3)
-    b = stability.train(method, 1e-3, seed=3, steps=3)
+    a = small_task.train(method, 1e-3, seed=3, steps=3)
+    b = small_task.train(method, 1e-3, seed=3, steps=3)
     assert a == b
     assert all(0.0 <= s <= 1.0 for s in a["success"]) and all(x > 0 for x in a["param_grad_norm"])
+

@@ -1,0 +1,50 @@
+"""``python -m bench stability [--quick] [--part PART]``: the paper's claims, reproduced with our own losses.
+
+Experiments (each its own module; report.py turns what they measure into tables and plots):
+  claims      1. single-state gradient dynamics and 2. logits convexity (claims.py)
+  small-task  3. learning-rate robustness on a small cold-started RL task (small_task.py)
+"""
+import json
+import os
+import time
+
+from . import claims, report, small_task
+
+PARTS = ("claims", "small-task")
+
+
+def main(quick, out_dir, log, parts=PARTS):
+    """Runs ``parts``, writes record.json and the plots under ``out_dir``; returns the Markdown sections."""
+    os.makedirs(out_dir, exist_ok=True)
+    sections, record, plots = [], {"quick": quick}, []
+    t0 = time.perf_counter()
+    if "claims" in parts:
+        log("single-state gradient dynamics ...")
+        record["dynamics"] = curves = claims.gradient_dynamics(steps=150 if quick else 300)
+        sections.append("## Single-state gradient dynamics (plain gradient descent on a free logit vector, lr 1)\n\n"
+                        + report.dynamics_table(curves))
+        plots.append((report.plot_dynamics, curves, "dynamics.png"))
+        log("Hessians w.r.t. the logits ...")
+        record["hessian"] = eigs = claims.hessian_eigenvalues(points=5 if quick else 20)
+        sections.append("## Logits convexity: Hessian eigenvalues at random points (float64, V = 12)\n\n"
+                        + report.hessian_table(eigs))
+    if "small-task" in parts:
+        log("learning-rate sweep on the small RL task ...")
+        lrs = (1e-3, 1e-2, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2)
+        seeds = (0,) if quick else (0, 1, 2)
+        steps = 40 if quick else 150
+        record["runs"] = runs = small_task.lr_sweep(lrs, seeds, steps, log)
+        sections.append(f"## Learning-rate robustness: small RL task ({steps} steps × 256 sampled sequences, Adam; "
+                        "final = mean success rate of the last 10 steps; collapse = the 10-step success rate ends "
+                        "below half of its best, a best of at least 0.2)\n\n" + report.rl_table(runs))
+        plots.append((report.plot_rl, runs, "rl_lr_sweep.png"))
+    with open(os.path.join(out_dir, "record.json"), "w") as f:
+        json.dump(record, f)
+    try:
+        for plot, data, name in plots:
+            plot(data, os.path.join(out_dir, name))
+    except ImportError as e:  # matplotlib comes with the bench extra; the tables do not need it
+        log(f"plots skipped: {e}")
+    log(f"stability done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}")
+    return sections
+
