@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one small shape and a subset of the static report "
                         "(under 2 minutes on 2 CPU cores; what CI smoke-runs)")
     parser.add_argument("--out", help="directory for record.json, table.md and plots")
-    parser.add_argument("--part", action="append", choices=("claims", "small-task"),
+    parser.add_argument("--part", action="append", choices=("claims", "small-task", "warm-start"),
                         help="stability: run only this experiment (repeatable; default all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case on CPU (default 5, quick 3)")
     args = parser.parse_args(argv)
@@ -100,8 +100,9 @@ def stability_main(args):
     from bench import stability
     env = suite.environment()
     parts = args.part or stability.PARTS
+    name = "stability-lr" if parts == ["warm-start"] else "stability"
     out_dir = args.out or os.path.join(suite.ROOT, "bench", "results",
-                                       f"{time.strftime('%Y%m%d-%H%M%S')}-stability{'-quick' if args.quick else ''}")
+                                       f"{time.strftime('%Y%m%d-%H%M%S')}-{name}{'-quick' if args.quick else ''}")
     sections = [f"# Does LCO stabilise training? — {env['device']}\n\n"
                 f"`{' '.join(['python -m bench'] + sys.argv[1:])}` · torch {env['torch']} · commit {env['commit']}\n"]
     sections += stability.main(args.quick, out_dir, suite.log, parts)

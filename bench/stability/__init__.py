@@ -3,14 +3,16 @@
 Experiments (each its own module; report.py turns what they measure into tables and plots):
   claims      1. single-state gradient dynamics and 2. logits convexity (claims.py)
   small-task  3. learning-rate robustness on a small cold-started RL task (small_task.py)
+  warm-start  4. the learning-rate experiment fair to LCO: a warm-started GRU policy, each method's
+              own learning-rate grid (warm_start.py, issue 16)
 """
 import json
 import os
 import time
 
-from . import claims, report, small_task
+from . import claims, report, small_task, warm_start
 
-PARTS = ("claims", "small-task")
+PARTS = ("claims", "small-task", "warm-start")
 
 
 def main(quick, out_dir, log, parts=PARTS):
@@ -38,6 +40,11 @@ def main(quick, out_dir, log, parts=PARTS):
                         "final = mean success rate of the last 10 steps; collapse = the 10-step success rate ends "
                         "below half of its best, a best of at least 0.2)\n\n" + report.rl_table(runs))
         plots.append((report.plot_rl, runs, "rl_lr_sweep.png"))
+    if "warm-start" in parts:
+        log("learning-rate grids on the warm-started policy ...")
+        record["warm_start"] = ws = warm_start.experiment(warm_start.settings(quick), log)
+        sections.append(warm_start_section(ws))
+        plots.append((report.plot_warm_start, ws, "warm_start_lr.png"))
     with open(os.path.join(out_dir, "record.json"), "w") as f:
         json.dump(record, f)
     try:
@@ -48,3 +55,16 @@ def main(quick, out_dir, log, parts=PARTS):
     log(f"stability done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}")
     return sections
 
+
+def warm_start_section(ws):
+    cfg = ws["settings"]
+    warm = ", ".join(f"{w['success']:.2f}" for w in ws["warm_start"].values())
+    return (f"## Learning rate, fair to LCO: warm-started GRU policy (V = {cfg['vocab']}, {cfg['out_len']}-token "
+            f"outputs; SFT {cfg['sft_steps']} steps, then {cfg['rl_steps']} RL steps × 128 samples, Adam; seeds "
+            f"{cfg['seeds']}; warm-start success {warm}; {ws['seconds']:.0f} s)\n\n"
+            f"Final success = mean success rate of a run's last {cfg['tail']} steps. Collapse = final success below "
+            f"{cfg['collapse_fraction']:g} × the warm start's, or a non-finite loss or gradient (a run also ends, "
+            f"collapsed, after {cfg['zero_success_stop']} steps in a row without one success). Max stable lr = the "
+            "highest rate without a collapse in any seed; stable-range width = max stable lr / the lowest rate whose "
+            "mean final success reaches 90 % of the method's best; spikiness = max / median over the steps of a "
+            "run (median over seeds).\n\n" + report.warm_start_table(ws) + "\n\n" + report.warm_start_runs_table(ws))

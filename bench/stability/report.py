@@ -1,6 +1,7 @@
 """Tables (Markdown) and plots (PNG) of what bench/stability's experiments measured."""
 import statistics
 
+from . import warm_start
 from .claims import DYNAMICS_P0, DYNAMICS_V, curvature
 from .small_task import RL_METHODS, smooth
 
@@ -94,3 +95,74 @@ def plot_rl(runs, path):
     plt.close(fig)
 
 
+
+def _lr(x):
+    return "—" if x is None else f"{x:g}"
+
+
+def _ratio(x):
+    return "—" if x is None else f"{x:.2f}"
+
+
+def warm_start_table(record):
+    """Per method: the summary of its own learning-rate grid (issue 16's columns)."""
+    lines = ["| method | rates tried | best final success (at lr) | first collapse | max stable lr | min lr reaching "
+             "90 % of best | stable-range width | ‖∂L/∂z‖ spikiness: max stable / one above | ‖∇θL‖ spikiness: "
+             "max stable / one above |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, s in record["summary"].items():
+        lines.append(f"| {method} | {_lr(s['lrs'][0])} … {_lr(s['lrs'][-1])} ({len(s['lrs'])}) | "
+                     f"{s['best_final_success']:.2f} ({_lr(s['best_lr'])}) | {_lr(s['first_collapse_lr'])} | "
+                     f"{_lr(s['max_stable_lr'])} | {_lr(s['min_lr_reaching_90pct_of_best'])} | "
+                     f"{_ratio(s['stable_range_width'])} | {_ratio(s['logit_grad_spikiness'][0])} / "
+                     f"{_ratio(s['logit_grad_spikiness'][1])} | {_ratio(s['param_grad_spikiness'][0])} / "
+                     f"{_ratio(s['param_grad_spikiness'][1])} |")
+    return "\n".join(lines)
+
+
+def warm_start_runs_table(record):
+    """Per method and rate: final success over the seeds, collapses, steps run, spikiness."""
+    lines = ["| method | lr | final success: mean (min–max over seeds) | collapses | steps run | ‖∂L/∂z‖ spikiness "
+             "(median over seeds) | ‖∇θL‖ spikiness |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method, lr in dict.fromkeys((r["method"], r["lr"]) for r in record["runs"]):
+        rs = [r for r in record["runs"] if r["method"] == method and r["lr"] == lr]
+        fs = [r["final_success"] for r in rs]
+        lines.append(f"| {method} | {lr:g} | {statistics.mean(fs):.2f} ({min(fs):.2f}–{max(fs):.2f}) | "
+                     f"{sum(r['collapsed'] for r in rs)}/{len(rs)} | {'/'.join(str(r['steps_run']) for r in rs)} | "
+                     f"{statistics.median(r['logit_grad_spikiness'] for r in rs):.2f} | "
+                     f"{statistics.median(r['param_grad_spikiness'] for r in rs):.2f} |")
+    return "\n".join(lines)
+
+
+def plot_warm_start(record, path):
+    """Per method (columns): success, ‖∂L/∂z‖ and ‖∇θL‖ vs step at its max stable rate and the rate above."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(record["summary"])
+    rows = (("success", "success rate (5-step mean)", "linear"), ("logit_grad_norm", "‖∂L/∂z‖", "log"),
+            ("param_grad_norm", "‖∇θ L‖", "log"))
+    fig, axes = plt.subplots(len(rows), len(methods), figsize=(4.2 * len(methods), 2.8 * len(rows)), squeeze=False)
+    warm = statistics.mean(w["success"] for w in record["warm_start"].values())
+    for j, method in enumerate(methods):
+        s = record["summary"][method]
+        for lr, color in ((s["max_stable_lr"], "tab:blue"), (s["above_max_stable_lr"], "tab:red")):
+            if lr is None:
+                continue
+            for k, r in enumerate(r for r in record["runs"] if r["method"] == method and r["lr"] == lr):
+                for i, (key, _, _) in enumerate(rows):
+                    ys = smooth(r["history"][key], 5) if key == "success" else r["history"][key]
+                    axes[i][j].plot(ys, color=color, lw=1, alpha=0.8,
+                                    label=f"lr {lr:g}" + (" (max stable)" if color == "tab:blue" else "")
+                                    if k == 0 else None)
+        axes[0][j].axhline(warm, color="grey", ls="--", lw=0.8)
+        axes[0][j].axhline(warm * warm_start.COLLAPSE_FRACTION, color="grey", ls=":", lw=0.8)
+        axes[0][j].set_title(method)
+        axes[0][j].legend(fontsize=7)
+        for i, (_, label, scale) in enumerate(rows):
+            axes[i][j].set(yscale=scale, xlabel="RL step" if i == len(rows) - 1 else None,
+                           ylabel=label if j == 0 else None)
+    fig.suptitle("warm-started GRU policy, one line per seed; dashed: warm start's success, dotted: collapse "
+                 "threshold", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
