@@ -2,11 +2,11 @@
 
 Task. A prompt (a, d), a ∈ [0, 256), d ∈ {1, …, 4}, asks for the 8 tokens x_k = (a + k·d) mod 256 from a
 vocabulary of 256. Warm start: ``sft_loss`` on demonstrations of that rule in which each token was
-replaced by a uniformly random one with probability 0.1 (an imitator of them gets each token right with
-p ≈ 0.9, so about 0.9⁸ ≈ 43 % of whole sequences). RL then asks for the harder thing the
-demonstrations never showed: all 8 tokens exactly right (reward +1, else −1).
+replaced by a uniformly random one with probability 0.1 (a perfect imitator of them gets each token right
+with p ≈ 0.9, about 0.9⁸ ≈ 43 % of whole sequences; 300 SFT steps reach 28-29 %). RL then asks for the
+harder thing the demonstrations never showed: all 8 tokens exactly right (reward +1, else −1).
 
-Policy: a GRU (embedding 64, hidden 256, about 330k parameters). RL: GRPO-style, 16 prompts × a group
+Policy: a GRU (embedding 96, hidden 192, 241k parameters). RL: GRPO-style, 16 prompts × a group
 of 8 samples per step, advantages (r − group mean) / (group std + 1e-6) for every token of a sample,
 the rollout used for 2 Adam minibatch steps (so the second is off-policy and the importance ratio of
 PG-IS and PPO is not 1), every loss through the library (backend="torch", reduction "mean").
