@@ -10,8 +10,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
-        # numpy: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on numpy arrays
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        # numpy: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on numpy arrays;
+        # hypothesis: the property-based tests (tests/test_properties.py) draw extreme and bad rows
+        "test": ["pytest", "pytest-benchmark", "numpy", "hypothesis"],
         # matplotlib: the benchmark's plots; liger-kernel: its anchor, the fused cross-entropy
         # kernel that fused-loss libraries are measured against (traffic table, GPU timings)
         "bench": ["matplotlib", "liger-kernel", "pytest-benchmark"],
