@@ -29,31 +29,30 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import reference
-from helpers import GRAD_ATOL_FACTOR, GRAD_RTOL
+from helpers import BACKENDS, GRAD_ATOL_FACTOR, GRAD_RTOL
 from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss
 
-BACKENDS = ("torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # 1 and 2 (tiny), then each side of the power-of-two block boundaries the Triton sweep uses
 VOCABS = (1, 2, 7, 100, 1023, 1024, 1025, 2047, 2048, 2049)
 OFFSETS = (0.0, 0.0, 1e3, -1e3, 3e3, 1e4, -1e4)
 ROW_KINDS = ("normal", "normal", "masked", "only_label", "label_neginf", "confident", "ignored")
 ADV_KINDS = ("normal", "normal", "zero", "tiny", "huge")
-LOGP_KINDS = ("near", "near", "same", "far")
+# ±inf old / reference log-probs are values, not poison: verl's clamps keep the result finite
+LOGP_KINDS = ("near", "near", "same", "far", "posinf", "neginf")
 # At most one poison per row: the row must come out NaN (when the loss reads the poisoned input)
-POISONS = (None, None, None, None, None, "nan_logit", "nan_label_logit", "posinf_logit", "posinf_label_logit",
-           "adv_nan", "adv_posinf", "adv_neginf", "old_nan", "old_posinf", "old_neginf",
-           "ref_nan", "ref_posinf", "ref_neginf")
-NON_FINITE = {"nan": math.nan, "posinf": math.inf, "neginf": -math.inf}
+POISONS = (None, None, None, None, "nan_logit", "nan_label_logit", "posinf_logit", "posinf_label_logit",
+           "adv_nan", "adv_posinf", "adv_neginf", "old_nan", "ref_nan")
+NON_FINITE = {"nan": math.nan, "posinf": math.inf, "neginf": -math.inf}   # (kind names → values)
 
 # name -> (function, reference kind, keyword options, uses advantages, uses old, uses ref,
-#          −inf label allowed: the loss stays defined there; −log 0 losses (SFT's is +inf, PG's and
-#          CISPO's ±inf or 0·inf) and the k3 KL (e^{ref − log p} = e^{+inf}) are not)
+#          −inf label allowed: the loss stays defined there; −log 0 losses (PG's and CISPO's ±inf or
+#          0·inf) are not, SFT's is +inf as F.cross_entropy's)
 VARIANTS = {
     "sft": (sft_loss, "sft", {}, False, False, False, True),
     "pg": (pg_loss, "pg", {}, True, False, False, False),
     "ppo": (ppo_loss, "ppo", {}, True, True, False, True),
-    "ppo-dual-kl": (ppo_loss, "ppo", {"epsilon_high": 0.28, "dual_clip": 3.0, "beta": 0.1}, True, True, True, False),
+    "ppo-dual-kl": (ppo_loss, "ppo", {"epsilon_high": 0.28, "dual_clip": 3.0, "beta": 0.1}, True, True, True, True),
     "cispo": (cispo_loss, "cispo", {"epsilon_high": 0.3}, True, True, False, False),
     "lco": (lco_loss, "lco", {}, True, False, False, True),
     "ppo+lco": (lco_loss, "lco", {}, True, True, False, True),
@@ -137,8 +136,12 @@ def build(case: Case, variant: str):
     logp = reference.token_logprobs(z.double(), labels, -100)
     logp = torch.where(torch.isfinite(logp), logp, -1.0)
     noise = {"near": 0.3, "same": 0.0, "far": 25.0}
-    old = logp + torch.tensor([noise[k] for k in case.olds], dtype=torch.float64) * randn(n)
-    ref = logp + torch.tensor([noise[k] for k in case.refs], dtype=torch.float64) * randn(n)
+
+    def logprobs(kinds):
+        out = logp + torch.tensor([noise.get(k, 0.0) for k in kinds], dtype=torch.float64) * randn(n)
+        return torch.tensor([NON_FINITE.get(k, 0.0) for k in kinds], dtype=torch.float64) + out
+
+    old, ref = logprobs(case.olds), logprobs(case.refs)
     shape = (2, n // 2) if case.two_d else (n,)
     clean = Batch(z.reshape(*shape, V), labels.reshape(shape), adv.float().reshape(shape),
                   old.float().reshape(shape), ref.float().reshape(shape))
