@@ -121,10 +121,10 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         loss = torch.where(only_option, 0.0, loss)
     target = torch.where(only_option & valid, 1.0, target)
     nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned
-    if spec.has_old:
-        nan_row = nan_row | old_logp.isnan()
+    if spec.has_old:   # NaN, or a ratio 0/0 (p_i = 0 and old = −inf): see triton_heads.row_head
+        nan_row = nan_row | old_logp.isnan() | (torch.isneginf(log_p) & torch.isneginf(old_logp))
     if spec.has_ref:
-        nan_row = nan_row | ref_logp.isnan()
+        nan_row = nan_row | ref_logp.isnan() | (torch.isneginf(log_p) & torch.isneginf(ref_logp))
     loss, alpha, entropy, grad_norm = (torch.where(nan_row, torch.nan, x) for x in (loss, alpha, entropy, grad_norm))
     ent_mask = torch.where(nan_row, torch.nan, torch.where(only_option, 0.0, 1.0)).to(d.dtype)
     keep = [torch.where(valid, x, 0.0) for x in (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target)]

@@ -206,11 +206,13 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp,
     target = tl.where(only_option & valid, 1.0, target)
     # NaN rows (SPEC §1): NaN (or +inf) in the logits, a non-finite advantage, NaN old / reference
     # log-probs, or a label outside the vocabulary: NaN loss and gradient, and no other row changes.
+    # So is a ratio 0/0 (p_i = 0 and an old / reference log-prob of −inf): log p_i − log p_old is
+    # NaN there, and the clamps (tl.minimum/maximum drop NaN) would otherwise hide it.
     nan_row = (s != s) | (z_i != z_i) | (z_i == _INF) | (tl.abs(adv) == _INF) | (adv != adv) | (~owned)
     if HAS_OLD:
-        nan_row = nan_row | (old_logp != old_logp)
+        nan_row = nan_row | (old_logp != old_logp) | ((log_p == -_INF) & (old_logp == -_INF))
     if HAS_REF:
-        nan_row = nan_row | (ref_logp != ref_logp)
+        nan_row = nan_row | (ref_logp != ref_logp) | ((log_p == -_INF) & (ref_logp == -_INF))
     nan = float("nan")
     loss = tl.where(nan_row, nan, loss)
     alpha = tl.where(nan_row, nan, alpha)
