@@ -96,8 +96,9 @@ class Batch:
 
 
 def build(case: Case, variant: str):
-    """(clean batch, poisoned batch, poisoned rows, ignored rows): the poisoned batch is the clean one
-    with each row's poison (if any) applied, every other value bit-identical."""
+    """(clean batch, poisoned batch, NaN rows of the poisoned batch, NaN rows of the clean batch,
+    ignored rows): the poisoned batch is the clean one with each row's poison (if any) applied, every
+    other value bit-identical."""
     _, _, _, uses_adv, uses_old, uses_ref, neginf_label_ok = VARIANTS[variant]
     g = torch.Generator().manual_seed(case.seed)
     dtype, V, n = DTYPES[case.dtype], case.V, len(case.rows)
@@ -133,8 +134,8 @@ def build(case: Case, variant: str):
             adv[r] = math.copysign(1e-30, adv[r])
         elif kind == "huge":
             adv[r] = math.copysign(1e6, adv[r])
-    logp = reference.token_logprobs(z.double(), labels, -100)
-    logp = torch.where(torch.isfinite(logp), logp, -1.0)
+    logp_raw = reference.token_logprobs(z.double(), labels, -100)
+    logp = torch.where(torch.isfinite(logp_raw), logp_raw, -1.0)
     noise = {"near": 0.3, "same": 0.0, "far": 25.0}
 
     def logprobs(kinds):
@@ -142,6 +143,12 @@ def build(case: Case, variant: str):
         return torch.tensor([NON_FINITE.get(k, 0.0) for k in kinds], dtype=torch.float64) + out
 
     old, ref = logprobs(case.olds), logprobs(case.refs)
+    # p_i = 0 (label at −inf) with an old / reference log-prob of −inf: the ratio is 0/0, a NaN row
+    undefined = torch.zeros(n, dtype=torch.bool)
+    for used, other in ((uses_old, old), (uses_ref, ref)):
+        if used:
+            undefined |= torch.isneginf(logp_raw) & torch.isneginf(other)
+    undefined &= ~ignored
     shape = (2, n // 2) if case.two_d else (n,)
     clean = Batch(z.reshape(*shape, V), labels.reshape(shape), adv.float().reshape(shape),
                   old.float().reshape(shape), ref.float().reshape(shape))
@@ -160,10 +167,10 @@ def build(case: Case, variant: str):
         else:
             {"adv": padv, "old": pold, "ref": pref}[what][r] = NON_FINITE[value]
             poisoned[r] |= uses[what]
-    poisoned &= ~ignored
+    poisoned = (poisoned & ~ignored) | undefined
     poisoned_batch = Batch(pz.reshape(*shape, V), labels.reshape(shape), padv.float().reshape(shape),
                            pold.float().reshape(shape), pref.float().reshape(shape))
-    return clean, poisoned_batch, poisoned, ignored
+    return clean, poisoned_batch, poisoned, undefined, ignored
 
 
 def call(variant, backend, b: Batch, logits):
@@ -253,9 +260,9 @@ UNDERFLOW = {torch.float32: torch.finfo(torch.float32).tiny, torch.bfloat16: tor
 
 
 def check_properties(variant, case: Case):
-    clean, poisoned, bad, ignored = build(case, variant)
+    clean, poisoned, bad, clean_bad, ignored = build(case, variant)
     dtype, V = clean.logits.dtype, clean.logits.shape[-1]
-    valid = clean.labels.reshape(-1) != -100
+    valid = (clean.labels.reshape(-1) != -100) & ~clean_bad
     ref_loss, ref_grad = reference_rows(variant, clean)
     ref_grad = ref_grad.to(dtype).double()          # what the output dtype can hold (overflow → inf)
     loss_atol, grad_rtol, grad_atol = tolerances(variant, clean, ref_grad)
@@ -270,6 +277,8 @@ def check_properties(variant, case: Case):
             f"{where} poisoned rows {bad.nonzero()[:, 0].tolist()}: loss {p_loss[bad].tolist()}, expected NaN"
         assert bool(p_grad[bad].isnan().all()), \
             f"{where} poisoned rows: gradient not all NaN ({int((~p_grad[bad].isnan()).sum())} entries are not)"
+        assert bool(c_loss[clean_bad].isnan().all()) and bool(c_grad[clean_bad].isnan().all()), \
+            f"{where} rows {clean_bad.nonzero()[:, 0].tolist()} (p_i = 0 and old / ref log-prob −inf) not NaN"
         # ignored rows are exact zeros, whatever they hold
         assert bool((p_loss[ignored] == 0).all()) and bool((p_grad[ignored] == 0).all()), \
             f"{where} ignored row not zero"
