@@ -159,7 +159,7 @@ def test_lco_matches_the_log_prob_form_on_trl_log_probs(tmp_path):
     logps, _, _ = stock._get_per_token_logps_and_entropies(stock.model, ids, attn, inputs["completion_ids"].size(1))
     count = inputs["num_items_in_batch"] / stock.args.steps_per_generation
     loss_ref = lco_kernels.lco_loss_from_logprobs(logps, inputs["advantages"][:, None], rho_pos=1.5, rho_neg=0.9,
-                                                  mask=inputs["completion_mask"], reduction="sum") / count
+                                                  loss_mask=inputs["completion_mask"], reduction="sum") / count
     loss_ref.backward()
     g_ref = {k: v.grad.clone() for k, v in stock.model.named_parameters()}
     abs_diff, rel_diff = max_diff(g_ours, g_ref)

@@ -57,7 +57,7 @@ def lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_
         ratio = torch.exp(log_prob - old_log_prob)
         clipped = ((advantages > 0) & (ratio > 1 + epsilon_high)) | ((advantages < 0) & (ratio < 1 - epsilon_low))
     per_token = lco_kernels.lco_loss_from_logprobs(log_prob, torch.where(clipped, 0.0, advantages), rho_pos=rho_pos,
-                                                   rho_neg=rho_neg, mask=response_mask, reduction="none")
+                                                   rho_neg=rho_neg, loss_mask=response_mask, reduction="none")
     loss = agg_loss(loss_mat=per_token, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
                     **config.global_batch_info)
     with torch.no_grad():
