@@ -319,7 +319,8 @@ configs = [("_forward_kernel", dict(head, NEED_ENTROPY=True, WITH_STATS=True, MO
 out = []
 for name, consts in configs:
     kernel = getattr(tb, name)
-    src = ASTSource(fn=kernel, signature=aot._signature(kernel, "*fp32"), constexprs=dict(consts, BLOCK_V=1024), attrs={})
+    src = ASTSource(fn=kernel, signature=aot._signature(kernel, "*fp32"), constexprs=dict(consts, BLOCK_V=1024),
+                    attrs={})
     out.append(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ttir"])
 print(json.dumps(out))
 """
