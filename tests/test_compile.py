@@ -1,7 +1,8 @@
-"""torch.compile: the registered custom ops (lco_kernels/ops.py) pass opcheck, every public logits-level
-loss and token_logprobs trace without a graph break, a small model compiled with fullgraph=True trains as
-in eager, and meta / fake tensors propagate shapes. Compilation is slow on CPU: tiny shapes, few steps,
-static shapes. (The fused-linear forms are still a torch.autograd.Function: not covered here yet.)"""
+"""torch.compile: the registered custom ops (lco_kernels/ops.py) pass opcheck; every public logits-level
+loss, token_logprobs, gspo_loss and lco_loss_from_logprobs trace without a graph break; a small model
+compiled with fullgraph=True trains as in eager; meta / fake tensors propagate shapes. Compilation is
+slow on CPU: tiny shapes, few steps, static shapes. (The fused-linear forms are still a
+torch.autograd.Function: not covered here yet.)"""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -39,6 +40,7 @@ LOSSES = {
     "ppo+lco": (lambda z, y, a, o, r, **kw: lco_kernels.lco_loss(z, y, a, old_logprobs=o, **kw), _RL),
     "token_logprobs": (lambda z, y, a, o, r, **kw: lco_kernels.token_logprobs(z, y, **kw),
                        ({}, {"return_entropy": True, "temperature": 0.7})),
+    "gspo": (lambda z, y, a, o, r, **kw: lco_kernels.gspo_loss(z, y, a[..., :1], o, **kw), ({}, {"temperature": 0.7})),
 }
 
 
@@ -138,7 +140,7 @@ def test_fullgraph_token_logprobs_training_matches_eager(device):
 @pytest.mark.parametrize("name", LOSSES)
 def test_meta_and_fake_tensors(name):
     fn, _ = LOSSES[name]
-    options = [({}, (2, 3))] if name == "token_logprobs" else [({}, ()), ({"reduction": "none"}, (2, 3))]
+    options = {"token_logprobs": [({}, (2, 3))], "gspo": [({}, ())]}.get(name, [({}, ()), ({"reduction": "none"}, (2, 3))])
     for kw, shape in options:
         z, y, a, o, r = (t.to("meta") for t in _inputs())
         z.requires_grad_(True)
@@ -150,12 +152,14 @@ def test_meta_and_fake_tensors(name):
         z, y, a, o, r = _inputs()
         z.requires_grad_(True)
         if name == "token_logprobs":
-            loss, entropy = fn(z, y, a, o, r, return_entropy=True, backend="torch")
+            outputs = fn(z, y, a, o, r, return_entropy=True, backend="torch")
+        elif name == "gspo":  # one scalar per call
+            outputs = (fn(z, y, a, o, r, backend="torch"),)
         else:
             loss, stats = fn(z, y, a, o, r, reduction="none", return_stats=True, backend="torch")
-            entropy = stats.entropy
-        (loss.sum() + entropy.sum()).backward()
-        assert loss.shape == y.shape and entropy.shape == y.shape and z.grad.shape == z.shape
+            outputs = (loss, stats.entropy)
+        sum(t.sum() for t in outputs).backward()
+        assert all(t.shape == (() if name == "gspo" else y.shape) for t in outputs) and z.grad.shape == z.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,3 +195,11 @@ def test_dynamic_shapes_compile_once(device):
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
         frames.append(counter.frame_count)
     assert frames[0] > 0 and frames[1:] == frames[:1] * 2, f"recompiled for new shapes: frames compiled {frames}"
+
+
+def test_from_logprobs_no_graph_breaks(device):
+    """lco_loss_from_logprobs (a torch.autograd.Function over the torch heads) also traces in one graph."""
+    z, y, a, _, _ = _inputs(device=device)
+    logprobs = torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0].requires_grad_(True)
+    explained = torch._dynamo.explain(lambda lp, a: lco_kernels.lco_loss_from_logprobs(lp, a))(logprobs, a)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
