@@ -67,6 +67,13 @@ def main(argv=None):
                     + ("peak RSS of a fresh process)" if device == "cpu" else "torch.cuda.max_memory_allocated)")
                     + "\n\n" + report.linear_table(record["linear"], device))
 
+    compiled = suite.compiled_step_cases(args.quick, device)
+    suite.log(f"compiled model step: {len(compiled)} cases")
+    record["compiled"] = suite.run_compiled_steps(compiled, device, repeats)
+    sections.append("## `torch.compile(fullgraph=True)` model step (embedding → linear → loss, forward + backward): "
+                    "our loss vs the plain PyTorch LCO compiled with the model\n\n"
+                    + report.compiled_step_table(record["compiled"], device))
+
     if device == "cpu":
         suite.log("traffic under the Triton interpreter ...")
         try:
@@ -91,8 +98,8 @@ def main(argv=None):
         suite.log(f"plots skipped: {e}")
     print(text)
     suite.log(f"wrote {out_dir}/record.json, table.md" + (f" and {len(written)} plots" if written else ""))
-    failed = [c for c in record["cases"] + record["linear"] if "error" in c and c["variant"] in ("ours", "ours-inplace",
-                                                                                                  "fused-linear")]
+    failed = [c for c in record["cases"] + record["linear"] + record["compiled"]
+              if "error" in c and c["variant"] in ("ours", "ours-inplace", "fused-linear", "compiled-ours")]
     return 1 if failed else 0
 
 

@@ -63,6 +63,21 @@ def linear_table(records, device_kind):
     return "\n".join(lines)
 
 
+def compiled_step_table(records, device_kind):
+    """Compiled model step with our loss vs with the plain PyTorch LCO: time as a ratio to ours (and ms on a GPU)."""
+    lines = ["| variant | N | H | V | dtype | time ÷ ours |" + (" median ms |" if device_kind != "cpu" else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if device_kind != "cpu" else "")]
+    ours = next((r for r in records if r["variant"] == "compiled-ours"), {})
+    for r in records:
+        head = f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} |" + (" |" if device_kind != "cpu" else ""))
+            continue
+        ratio = r["median_s"] / ours["median_s"] if ours.get("median_s") else float("nan")
+        lines.append(f"{head} {ratio:.2f} |" + (f" {r['median_s'] * 1e3:.2f} |" if device_kind != "cpu" else ""))
+    return "\n".join(lines)
+
+
 def traffic_table(rows):
     """One line per kernel and dtype: our figures hold in all four modes (in-place or not, stats or not)."""
     lines = ["| kernel | dtype | launches (fwd+bwd) | N·V elements moved | side bytes / row | note |",

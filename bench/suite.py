@@ -142,6 +142,62 @@ def run_linear(cases, device, repeats):
     return records
 
 
+def compiled_step_cases(quick, device):
+    """A ``torch.compile(fullgraph=True)`` model step (embedding → linear → loss, forward + backward) with
+    our loss vs with the plain PyTorch LCO: (variant, N, H, V), float32."""
+    if device == "cuda":
+        shape = (4096, 1024, 151936) if quick else (16384, 2048, 151936)
+    else:
+        shape = (256, 256, 32000) if quick else (1024, 512, 32000)
+    return [(v,) + shape for v in ("compiled-ours", "compiled-plain")]
+
+
+def _time_compiled_step(variant, n, hidden_size, vocab, device, repeats):
+    from bench.variants import plain_lco
+    from lco_kernels import lco_loss
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, hidden_size), torch.nn.Linear(hidden_size, vocab)).to(device)
+    tokens = torch.randint(0, vocab, (n,), device=device)
+    labels = torch.randint(0, vocab, (n,), device=device)  # none ignored: plain_lco's mean is over all tokens
+    adv = torch.randn(n, device=device)
+    backend = "triton" if device == "cuda" else "torch"
+    loss_fn = (lambda z, l, a: lco_loss(z, l, a, backend=backend)) if variant == "compiled-ours" else plain_lco
+    forward = torch.compile(lambda t, l, a: loss_fn(model(t), l, a), fullgraph=True, dynamic=False)
+
+    def one():
+        model.zero_grad(set_to_none=True)
+        forward(tokens, labels, adv).backward()
+    one()  # compiles
+    if device == "cuda":
+        import triton.testing
+        return [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_compiled_steps(cases, device, repeats):
+    records = []
+    for k, (variant, n, hidden_size, vocab) in enumerate(cases, 1):
+        rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype="float32", device=device)
+        t0 = time.perf_counter()
+        try:
+            times = _time_compiled_step(variant, n, hidden_size, vocab, device, repeats)
+            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
+        except Exception as e:  # noqa: BLE001 - a compile failure is a result, not a crash
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        log(f"[compiled {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} "
+            + (f"median {rec['median_s'] * 1e3:.1f} ms" if "median_s" in rec else rec.get("error", ""))
+            + f"  ({time.perf_counter() - t0:.1f} s, compile included)")
+        records.append(rec)
+    return records
+
+
 def traffic_table():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.traffic_worker"], capture_output=True,

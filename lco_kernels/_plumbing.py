@@ -5,8 +5,7 @@ import dataclasses
 import torch
 
 from . import torch_backend, triton_backend
-from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_kl, check_labels_in_range, check_rho,
-                          per_token, real)
+from ._validation import TRITON_DTYPES, check_backend_dtype, check_clip, check_kl, check_rho, per_token, real
 from .reductions import token_weights
 from .registry import EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
 
@@ -69,7 +68,7 @@ class Tokens:
     weights: torch.Tensor | None
 
 
-def prepare_tokens(spec, labels, vocab, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
+def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
                    loss_mask, max_length, token_count, seq_count) -> Tokens:
     if spec.info.advantages:
         advantages = per_token("advantages", advantages, labels)
@@ -80,7 +79,6 @@ def prepare_tokens(spec, labels, vocab, advantages, old_logprobs, ref_logprobs, 
     if loss_mask is not None:
         mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
         labels = labels.masked_fill(mask == 0, ignore_index)
-    check_labels_in_range(labels, vocab, ignore_index)
     if max_length is None:
         max_length = labels.shape[-1] if labels.dim() else 1
     weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)

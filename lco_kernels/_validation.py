@@ -16,7 +16,7 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 def real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile traces comparisons, not isfinite
         raise ValueError(f"{name} must be finite, got {value}")
 
 
@@ -191,6 +191,8 @@ def label_check_reads_device(labels):
 
 
 def check_labels_in_range(labels, V, ignore_index):
+    """Called inside the forward ops (ops.py) on the tensors they run on, so compiled CPU code raises as
+    eager code does (there torch.compile is no longer tracing), and inside the fused-linear Function."""
     if not label_check_reads_device(labels):
         return
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)

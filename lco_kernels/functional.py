@@ -36,9 +36,9 @@ supported (differentiating a gradient raises).
 """
 import torch
 
-from ._plumbing import loss_spec, prepare_tokens, resolve_backend
+from . import ops
+from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_logits_labels, check_no_self_overlap, check_options
-from .autograd import PolicyLossFunction, as_rows3d
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import TokenStats
 
@@ -53,15 +53,19 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
     check_logits_labels(logits, labels)
     impl = resolve_backend(backend, logits)
     if inplace_backward:
-        check_no_self_overlap(as_rows3d(logits))
-    tokens = prepare_tokens(spec, labels, logits.shape[-1], advantages, old_logprobs, ref_logprobs,
-                            ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask,
-                            max_length=max_length, token_count=token_count, seq_count=seq_count)
-    loss, entropy, stats = PolicyLossFunction.apply(
-        logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
-        int(ignore_index), inplace_backward, impl, return_stats, return_entropy)
+        check_no_self_overlap(ops.as_rows3d(logits))
+    tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                            reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                            seq_count=seq_count)
+    # the labels are checked against the vocabulary inside the op (on CPU tensors only: ops.py)
+    dtype = ops.compute_dtype(logits.dtype)
+    rows, entropy, _, stats = ops.policy_forward(
+        logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype), flat(tokens.old_logprobs, dtype),
+        flat(tokens.ref_logprobs, dtype), int(ignore_index), return_entropy or spec.has_entropy_term, return_stats,
+        inplace_backward, ops.backend_name(impl), *ops.spec_args(spec))
+    loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     if return_entropy:
-        return loss, entropy
+        return loss, entropy.reshape(labels.shape)
     if return_stats:
         return loss, TokenStats.from_rows(stats, labels.shape, spec)
     return loss

@@ -27,7 +27,7 @@ import math
 
 import torch
 from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
-from ._validation import check_linear, check_options
+from ._validation import check_labels_in_range, check_linear, check_options
 from .autograd import reduce_rows, refuse_double_backward, row_coefficients
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import ROW_STATE, STAT_ROWS, TokenStats
@@ -61,6 +61,7 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         bias = None if bias is None else bias.to(dtype)
         n = x.shape[0]
         labels = flat(labels, torch.int64)
+        check_labels_in_range(labels, weight.shape[0], ignore_index)
         advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32)
                                                   for t in (advantages, old_logprobs, ref_logprobs))
         entropy_grad = spec.has_entropy_term or return_entropy
@@ -216,7 +217,7 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                   max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
                   seq_count=seq_count, device=getattr(hidden, "device", None))
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
-    tokens = prepare_tokens(spec, labels, weight.shape[0], advantages, old_logprobs, ref_logprobs,
+    tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs,
                             ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                             token_count=token_count, seq_count=seq_count)
     out, _, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
@@ -240,7 +241,7 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
     check_options(ignore_index=ignore_index, reduction="none", backend=backend, return_stats=False, max_length=None,
                   temperature=temperature, device=getattr(hidden, "device", None))
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
-    tokens = prepare_tokens(spec, labels, weight.shape[0], None, None, None, ignore_index=ignore_index,
+    tokens = prepare_tokens(spec, labels, None, None, None, ignore_index=ignore_index,
                             reduction="none", loss_mask=None, max_length=None, token_count=None, seq_count=None)
     loss, entropy, _ = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
                               False, return_entropy)

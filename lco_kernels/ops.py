@@ -1,0 +1,160 @@
+"""The backend launches as PyTorch custom operators (``torch.library``), with their autograd formulas.
+
+``torch.compile`` sees each op as one node with a shape function (``register_fake``) and a gradient
+formula (``register_autograd``): a model step with our loss compiles to one graph
+(``fullgraph=True``), the losses run under FakeTensorMode and on ``meta`` tensors, and forward +
+backward can be captured in a CUDA graph. The reductions, masks and normalisers stay ordinary
+tensor code around the ops, traced with the model.
+
+The forward keeps O(N) per-row state (stats.ROW_STATE) beside the caller's logits; the backward
+folds the upstream gradient of each row's loss (the reduction weight × the upstream value, as
+autograd hands it over) and 1/τ into ``coef = alpha × upstream / τ`` per row (and the entropy's
+``ent_coef`` the same way), so all are applied exactly, without another N×V pass and without
+reading anything on the host. Second derivatives are not supported: backward(create_graph=True)
+raises.
+
+Label range: inside the forward op, on CPU tensors only (host memory: no device sync; and since it
+runs inside the op, compiled CPU code raises the same ValueError as eager code). On CUDA it is
+skipped: an out-of-range label gives a NaN row, never an out-of-bounds read. Fake and meta tensors
+have no values to check.
+
+The ops are ``custom_op``s, not ``triton_op``s: a ``triton_op``'s shape function is its own body run
+on fake tensors, and under the Triton interpreter (TRITON_INTERPRET=1, how the CPU tests run the
+kernels) ``wrap_triton`` hands back the interpreted kernel, which cannot launch on fake tensors.
+"""
+import dataclasses
+import enum
+
+import torch
+
+from . import torch_backend, triton_backend
+from ._validation import check_labels_in_range
+from .autograd import as_rows3d, compute_dtype, refuse_double_backward, row_coefficients
+from .registry import KL, LossSpec
+from .stats import ROW, ROW_STATE, STAT_ROWS
+
+IMPLS = {"torch": torch_backend, "triton": triton_backend}
+
+
+def backend_name(impl):
+    """The ``backend`` argument of the ops for a backend module."""
+    return "triton" if impl is triton_backend else "torch"
+
+
+# A LossSpec crosses the op boundary as its fields, in order (ops take no Python objects); the schema
+# text is derived from the dataclass, so a new field needs no change here.
+_SCHEMA_TYPES = {str: "str", float: "float", float | None: "float?", bool: "bool", int: "int", KL: "int"}
+SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(LossSpec))
+
+
+def spec_args(spec: LossSpec):
+    """The op arguments of a ``LossSpec``: its field values, in order (enums as ints)."""
+    return tuple(int(v) if isinstance(v, enum.IntEnum) else v for v in dataclasses.astuple(spec))
+
+
+def spec_from_args(args) -> LossSpec:
+    return LossSpec(*(f.type(v) if isinstance(f.type, type) and issubclass(f.type, enum.IntEnum) else v
+                      for f, v in zip(dataclasses.fields(LossSpec), args)))
+
+
+def define(name, schema, fn, fake, mutates=()):
+    """The custom op ``lco_kernels::name``: ``fn`` on every device, ``fake`` for shapes."""
+    op = torch.library.custom_op(f"lco_kernels::{name}", fn, mutates_args=mutates, schema=schema)
+    op.register_fake(fake)
+    return op
+
+
+# ---- the vocabulary passes on logits ----
+
+def _policy_forward(logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index, need_entropy,
+                    with_stats, inplace_backward, backend, *spec):
+    """(loss, entropy, rows, stats) of flat ``labels`` (N,) for (..., V) logits: the per-row loss (N,),
+    the per-row entropy (N,) with ``need_entropy`` (else empty), the row state (N, len(ROW_STATE)) and
+    the statistics (N, len(STAT_ROWS)) with ``with_stats`` (else empty). ``inplace_backward`` only
+    steers the backward."""
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)  # CPU tensors only
+    rows, stats = IMPLS[backend].forward_rows(as_rows3d(logits), labels, advantages, old_logprobs, ref_logprobs,
+                                              spec_from_args(spec), ignore_index, need_entropy or with_stats,
+                                              with_stats)
+    if not (need_entropy or with_stats):
+        rows[:, ROW["ent_mask"]:] = 0  # left unwritten by the sweeps; an op's outputs must be well defined
+    entropy = rows[:, ROW["entropy"]].clone() if need_entropy else rows.new_empty(0)
+    return rows[:, ROW["loss"]].clone(), entropy, rows, rows.new_empty(0) if stats is None else stats
+
+
+def _policy_forward_fake(logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index, need_entropy,
+                         with_stats, *_):
+    n = labels.numel()
+    dtype = compute_dtype(logits.dtype)
+    return (logits.new_empty(n, dtype=dtype), logits.new_empty(n if need_entropy else 0, dtype=dtype),
+            logits.new_empty(n, len(ROW_STATE), dtype=dtype),
+            logits.new_empty((n, len(STAT_ROWS)) if with_stats else (0,), dtype=dtype))
+
+
+policy_forward = define(
+    "policy_forward",
+    "(Tensor logits, Tensor labels, Tensor advantages, Tensor? old_logprobs, Tensor? ref_logprobs, "
+    f"int ignore_index, bool need_entropy, bool with_stats, bool inplace_backward, str backend, {SPEC_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _policy_forward, _policy_forward_fake)
+
+
+def _policy_backward(logits, labels, coef, ent_coef, rows, backend, *spec):
+    """∂L/∂logits (contiguous, logits' shape and dtype) from per-row ``coef`` (and ``ent_coef``)."""
+    logits3d = as_rows3d(logits)
+    grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
+    IMPLS[backend].backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec_from_args(spec))
+    return grad3d.view(logits.shape)
+
+
+def _policy_backward_fake(logits, *_):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _policy_backward_inplace(logits, labels, coef, ent_coef, rows, backend, *spec):
+    """``policy_backward`` written into the logits' own storage."""
+    logits3d = as_rows3d(logits)
+    IMPLS[backend].backward_rows(logits3d, labels, coef, ent_coef, rows, logits3d, spec_from_args(spec))
+    if logits3d.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+        logits.copy_(logits3d.view(logits.shape))  # no (B, T, V) view of these logits: as_rows3d copied
+
+
+_BACKWARD_ARGS = "Tensor labels, Tensor coef, Tensor? ent_coef, Tensor rows, str backend, " + SPEC_SCHEMA
+policy_backward = define("policy_backward", f"(Tensor logits, {_BACKWARD_ARGS}) -> Tensor", _policy_backward,
+                         _policy_backward_fake)
+policy_backward_ = define("policy_backward_", f"(Tensor(a!) logits, {_BACKWARD_ARGS}) -> ()",
+                          _policy_backward_inplace, lambda *_: None, mutates=("logits",))
+
+
+def _policy_setup_context(ctx, inputs, output):
+    logits, labels = inputs[:2]
+    _, _, rows, stats = output
+    ctx.save_for_backward(logits, labels, rows)
+    ctx.need_entropy, _, ctx.inplace_backward, ctx.backend = inputs[6:10]
+    ctx.spec = inputs[10:]
+    ctx.gradient_written = False
+    ctx.mark_non_differentiable(rows, stats)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs nobody used
+
+
+def _policy_gradient(ctx, grad_loss, grad_entropy, grad_rows, grad_stats):
+    refuse_double_backward()
+    if ctx.inplace_backward and ctx.gradient_written:
+        raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
+                           "gradient, so this graph cannot be differentiated again")
+    logits, labels, rows = ctx.saved_tensors
+    if grad_loss is None:  # only the entropy output was used
+        grad_loss = torch.zeros_like(rows[:, ROW["loss"]])
+    # weights=None: the reduction weight is already in grad_loss (autograd of the reduction outside the op)
+    coef, ent_coef = row_coefficients(spec_from_args(ctx.spec), rows, None, grad_loss, grad_entropy,
+                                      ctx.need_entropy)
+    if ctx.inplace_backward:
+        policy_backward_(logits, labels, coef, ent_coef, rows, ctx.backend, *ctx.spec)  # bumps the logits' version
+        ctx.gradient_written = True
+        grad = logits
+    else:
+        grad = policy_backward(logits, labels, coef, ent_coef, rows, ctx.backend, *ctx.spec)
+    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+policy_forward.register_autograd(_policy_gradient, setup_context=_policy_setup_context)

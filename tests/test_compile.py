@@ -1,0 +1,205 @@
+"""torch.compile: the registered custom ops (lco_kernels/ops.py) pass opcheck; every public logits-level
+loss, token_logprobs, gspo_loss and lco_loss_from_logprobs trace without a graph break; a small model
+compiled with fullgraph=True trains as in eager; meta / fake tensors propagate shapes. Compilation is
+slow on CPU: tiny shapes, few steps, static shapes. (The fused-linear forms are still a
+torch.autograd.Function: not covered here yet.)"""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lco_kernels
+from helpers import BACKENDS
+from lco_kernels import ops
+from lco_kernels._plumbing import loss_spec
+from lco_kernels.stats import ROW
+
+V, H = 11, 8
+
+
+def _inputs(shape=(2, 3), device="cpu"):
+    """(logits, labels with one ignored, advantages, old and reference log-probs near the current ones)."""
+    logits = torch.randn(*shape, V) * 2
+    labels = torch.randint(0, V, shape)
+    labels.view(-1)[0] = -100
+    adv = torch.randn(shape)
+    old = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] + 0.3 * torch.randn(shape)
+    return tuple(t.to(device) for t in (logits, labels, adv, old, old - 0.2))
+
+
+# Every public logits-level entry point: name -> (call(logits, labels, adv, old, ref, **options), option sets).
+_RL = ({}, {"reduction": "none", "return_stats": True}, {"reduction": "seq-mean-token-mean", "entropy_coef": 0.01,
+                                                          "temperature": 0.7})
+LOSSES = {
+    "sft": (lambda z, y, a, o, r, **kw: lco_kernels.sft_loss(z, y, **kw), _RL),
+    "pg": (lambda z, y, a, o, r, **kw: lco_kernels.pg_loss(z, y, a, ref_logprobs=r, beta=0.1, kl_type="k1", **kw),
+           _RL),
+    "ppo": (lambda z, y, a, o, r, **kw: lco_kernels.ppo_loss(z, y, a, o, ref_logprobs=r, beta=0.1, dual_clip=3.0,
+                                                             **kw), _RL),
+    "cispo": (lambda z, y, a, o, r, **kw: lco_kernels.cispo_loss(z, y, a, o, **kw), _RL),
+    "lco": (lambda z, y, a, o, r, **kw: lco_kernels.lco_loss(z, y, a, **kw), _RL),
+    "ppo+lco": (lambda z, y, a, o, r, **kw: lco_kernels.lco_loss(z, y, a, old_logprobs=o, **kw), _RL),
+    "token_logprobs": (lambda z, y, a, o, r, **kw: lco_kernels.token_logprobs(z, y, **kw),
+                       ({}, {"return_entropy": True, "temperature": 0.7})),
+    "gspo": (lambda z, y, a, o, r, **kw: lco_kernels.gspo_loss(z, y, a[..., :1], o, **kw), ({}, {"temperature": 0.7})),
+}
+
+
+def _policy_forward_args(backend, device, loss, need_entropy, with_stats):
+    z, y, a, o, r = _inputs(device=device)
+    spec = loss_spec(loss, old_logprobs=o, ref_logprobs=r, beta=0.1, entropy_coef=0.01 if need_entropy else 0.0)
+    return (z.requires_grad_(True), y.reshape(-1), a.reshape(-1), o.reshape(-1) if spec.has_old else None,
+            r.reshape(-1) if spec.has_ref else None, -100, need_entropy, with_stats, False, backend,
+            *ops.spec_args(spec))
+
+
+def _opcheck_cases(backend, device):
+    forward = _policy_forward_args(backend, device, "ppo", need_entropy=True, with_stats=True)
+    logits, labels, spec = forward[0].detach(), forward[1], forward[10:]
+    with torch.no_grad():
+        _, _, rows, _ = ops.policy_forward(*forward)
+    # coefficients as a backward makes them: alpha (and the entropy mask) times an upstream gradient
+    coef, ent_coef = rows[:, ROW["alpha"]] * -1.3, rows[:, ROW["ent_mask"]] * 0.7
+    return [
+        (ops.policy_forward, forward),
+        (ops.policy_forward, _policy_forward_args(backend, device, "lco", need_entropy=False, with_stats=False)),
+        (ops.policy_backward, (logits, labels, coef, ent_coef, rows, backend, *spec)),
+        (ops.policy_backward, (logits, labels, coef, None, rows, backend, *spec)),
+        (ops.policy_backward_, (logits.clone(), labels, coef, ent_coef, rows, backend, *spec)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_every_registered_op(backend, device):
+    cases = _opcheck_cases(backend, device)
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("lco_kernels::")}
+    assert {op._qualname for op, _ in cases} == registered, "every registered op needs an opcheck case"
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_no_graph_breaks(name, backend, device):
+    fn, option_sets = LOSSES[name]
+    inputs = _inputs(device=device)
+    for kw in option_sets:
+        explained = torch._dynamo.explain(lambda *t: fn(*t, backend=backend, **kw))(*inputs)
+        assert explained.graph_break_count == 0, (kw, explained.break_reasons)
+        assert explained.graph_count == 1
+
+
+def _train(step_fn, device, steps=3):
+    """Losses and parameter gradients of ``steps`` SGD steps of embedding → linear → loss from one seed."""
+    torch.manual_seed(1)
+    emb, lin = torch.nn.Embedding(V, H).to(device), torch.nn.Linear(H, V).to(device)
+    params = [emb.weight, lin.weight, lin.bias]
+    opt = torch.optim.SGD(params, lr=0.5)
+    tokens = torch.randint(0, V, (2, 4), device=device)
+    labels = torch.randint(0, V, (2, 4), device=device)
+    labels[0, 0] = -100
+    adv = torch.randn(2, 4, device=device)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = step_fn(emb, lin, tokens, labels, adv)
+        loss.backward()
+        history.append((loss.detach().clone(), [p.grad.clone() for p in params]))
+        opt.step()
+    return history, adv
+
+
+def _assert_same_training(eager, compiled):
+    (eager, adv), (compiled, _) = eager, compiled
+    atol = 1e-6 * float(adv.abs().max())
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=atol)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("backend,inplace", [("torch", False), ("triton", True)])
+def test_fullgraph_training_matches_eager(backend, inplace, device):
+    def step(emb, lin, tokens, labels, adv):
+        return lco_kernels.lco_loss(lin(emb(tokens)), labels, adv, entropy_coef=0.01, backend=backend,
+                                    inplace_backward=inplace)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)  # Inductor
+    _assert_same_training(_train(step, device), _train(compiled, device))
+
+
+def test_fullgraph_token_logprobs_training_matches_eager(device):
+    """A loss of the user's own on our log-probs and entropy, compiled with the model."""
+    def step(emb, lin, tokens, labels, adv):
+        logprobs, entropy = lco_kernels.token_logprobs(lin(emb(tokens)), labels, return_entropy=True)
+        return -(adv * logprobs).mean() - 0.01 * entropy.mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    _assert_same_training(_train(step, device), _train(compiled, device))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_meta_and_fake_tensors(name):
+    fn, _ = LOSSES[name]
+    options = {"token_logprobs": [({}, (2, 3))], "gspo": [({}, ())]}.get(name, [({}, ()), ({"reduction": "none"}, (2, 3))])
+    for kw, shape in options:
+        z, y, a, o, r = (t.to("meta") for t in _inputs())
+        z.requires_grad_(True)
+        loss = fn(z, y, a, o, r, backend="torch", **kw)
+        assert loss.shape == shape and loss.device.type == "meta"
+        loss.sum().backward()
+        assert z.grad.shape == z.shape and z.grad.device.type == "meta"
+    with FakeTensorMode():
+        z, y, a, o, r = _inputs()
+        z.requires_grad_(True)
+        if name == "token_logprobs":
+            outputs = fn(z, y, a, o, r, return_entropy=True, backend="torch")
+        elif name == "gspo":  # one scalar per call
+            outputs = (fn(z, y, a, o, r, backend="torch"),)
+        else:
+            loss, stats = fn(z, y, a, o, r, reduction="none", return_stats=True, backend="torch")
+            outputs = (loss, stats.entropy)
+        sum(t.sum() for t in outputs).backward()
+        assert all(t.shape == (() if name == "gspo" else y.shape) for t in outputs) and z.grad.shape == z.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_range_compiled(backend, device):
+    """CPU: the check runs inside the op, so compiled code raises eager's ValueError. CUDA: no host
+    read; the row with the bad label is NaN, the others are untouched."""
+    z, y, a, _, _ = _inputs(device=device)
+    y[1, 2] = V
+    eager = lambda z, y, a: lco_kernels.lco_loss(z, y, a, reduction="none", backend=backend)  # noqa: E731
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend="aot_eager")
+    if device == "cpu":
+        for fn in (eager, compiled):
+            with pytest.raises(ValueError, match=f"labels must lie in \\[0, {V}\\).*found {V}"):
+                fn(z, y, a)
+    else:
+        loss = compiled(z, y, a)
+        assert torch.isnan(loss[1, 2]) and torch.isfinite(loss.view(-1)[:-1]).all()
+
+
+def test_dynamic_shapes_compile_once(device):
+    """With dynamic=True new batch/sequence sizes reuse the graph: nothing in the path specialises on them."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda z, y, a: lco_kernels.lco_loss(z, y, a, reduction="seq-mean-token-mean"),
+                             fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for shape in ((2, 3), (3, 5), (4, 7)):
+        z, y, a, _, _ = _inputs(shape, device)
+        z.requires_grad_(True)
+        loss = compiled(z, y, a)
+        loss.backward()
+        expected = lco_kernels.lco_loss(z, y, a, reduction="seq-mean-token-mean")
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1:] == frames[:1] * 2, f"recompiled for new shapes: frames compiled {frames}"
+
+
+def test_from_logprobs_no_graph_breaks(device):
+    """lco_loss_from_logprobs (a torch.autograd.Function over the torch heads) also traces in one graph."""
+    z, y, a, _, _ = _inputs(device=device)
+    logprobs = torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0].requires_grad_(True)
+    explained = torch._dynamo.explain(lambda lp, a: lco_kernels.lco_loss_from_logprobs(lp, a))(logprobs, a)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
