@@ -63,7 +63,7 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
     if spec.kind == Kind.SFT:
         loss, alpha = -log_p, one_minus_p
     elif spec.kind == Kind.PG:
-        loss, alpha = -adv * log_p, adv * one_minus_p
+        loss, alpha = torch.where(adv == 0, 0.0, -adv * log_p), adv * one_minus_p
     elif spec.kind == Kind.PPO:
         log_ratio = log_p - old_logp
         ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
@@ -81,7 +81,8 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
     elif spec.kind == Kind.CISPO:
         ratio = torch.exp(log_p - old_logp)
         weight = ratio.clamp(max=1 + spec.epsilon_high)
-        loss, alpha = -weight * adv * log_p, weight * adv * one_minus_p
+        loss = torch.where(weight * adv == 0, 0.0, -weight * adv * log_p)
+        alpha = weight * adv * one_minus_p
         clipped = ratio > 1 + spec.epsilon_high
     else:
         loss, alpha, target, clamped = _lco_head(d, log_p, log_1mp, adv, spec.rho_pos, spec.rho_neg)

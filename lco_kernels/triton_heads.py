@@ -125,7 +125,7 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, ep
         loss = -log_p
         alpha = one_minus_p
     elif LOSS == PG:
-        loss = -adv * log_p
+        loss = tl.where(adv == 0.0, 0.0, -adv * log_p)  # 0·log 0 = 0 when p_i = 0 and Ψ = 0
         alpha = adv * one_minus_p
     elif LOSS == PPO:
         # verl's clipped surrogate: r = exp(clamp(log p_i − log p_old, ±20)).
@@ -147,7 +147,8 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, ep
     elif LOSS == CISPO:
         ratio = tl.exp(log_p - old_logp)
         weight = tl.minimum(ratio, 1.0 + eps_high)  # a constant in the gradient (stop-gradient)
-        loss = -weight * adv * log_p
+        # p_i = 0 gives weight 0 and log p_i = −inf: r·log p_i → 0 as p_i → 0 (and 0 when Ψ = 0)
+        loss = tl.where(weight * adv == 0.0, 0.0, -weight * adv * log_p)
         alpha = weight * adv * one_minus_p
         clipped = ratio > 1.0 + eps_high
     else:

@@ -71,12 +71,13 @@ def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=No
     if kind == "sft":
         mat = -logp
     elif kind == "pg":
-        mat = -adv * logp
+        mat = torch.where(adv == 0, 0.0, -adv * logp)  # 0·log 0 = 0 at p_i = 0
     elif kind == "ppo":
         mat, _ = ppo_token_loss(logp, old, adv, epsilon_low, epsilon_high, dual_clip)
     elif kind == "cispo":
         ratio = torch.exp(logp - old).detach()
-        mat = -torch.clamp(ratio, max=1 + epsilon_high) * adv * logp
+        weight = torch.clamp(ratio, max=1 + epsilon_high) * adv
+        mat = torch.where(weight == 0, 0.0, -weight * logp)  # r·log p_i → 0 as p_i → 0
     elif kind == "lco":
         safe_labels = torch.where(mask, labels, ignore_index)
         mat = lco_loss_reference(logits, safe_labels, adv, rho_pos=rho_pos, rho_neg=rho_neg,
