@@ -8,6 +8,7 @@ value on the host. Second derivatives are not supported: backward(create_graph=T
 """
 import torch
 
+from . import tensor_parallel
 from ._plumbing import flat
 from .stats import ROW
 
@@ -69,24 +70,32 @@ def refuse_double_backward():
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """Outputs (loss, entropy, stats); see ``reduce_rows``."""
+    """Outputs (loss, entropy, stats); see ``reduce_rows``.
+
+    ``tp`` = (process group, first column) when ``logits`` are one rank's vocabulary shard
+    (tensor_parallel.py): the forward combines the shards' partials in one all-gather; the backward
+    is the same local sweep, shifted to the shard's columns."""
 
     @staticmethod
     def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
-                inplace_backward, backend, with_stats, return_entropy):
+                inplace_backward, backend, with_stats, return_entropy, tp):
         logits3d = as_rows3d(logits)
         dtype = compute_dtype(logits.dtype)
         labels_flat = flat(labels, torch.int64)
         entropy_grad = return_entropy or spec.has_entropy_term
-        rows, stats = backend.forward_rows(
-            logits3d, labels_flat, flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype),
-            spec, ignore_index, entropy_grad or with_stats, with_stats)
+        per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec, ignore_index,
+                     entropy_grad or with_stats, with_stats)
+        if tp is None:
+            rows, stats = backend.forward_rows(logits3d, labels_flat, *per_token)
+        else:
+            rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
         ctx.save_for_backward(logits, labels_flat, rows, weights)
         ctx.spec = spec
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
         ctx.entropy_grad = entropy_grad
         ctx.gradient_written = False
+        ctx.vocab_start = 0 if tp is None else tp[1]
         return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
 
     @staticmethod
@@ -102,7 +111,7 @@ class PolicyLossFunction(torch.autograd.Function):
             grad3d = logits3d  # the gradient overwrites the logits' storage
         else:
             grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-        ctx.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, ctx.spec)
+        ctx.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, ctx.spec, ctx.vocab_start)
         if ctx.inplace_backward:
             ctx.gradient_written = True
             # Anything else that saved these logits now fails its version check instead of
