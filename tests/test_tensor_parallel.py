@@ -1,0 +1,98 @@
+"""Vocabulary-parallel losses (issue 14): the combine of per-row partials, then the losses over
+torch.distributed (gloo, spawned processes) against the single-process result on the whole vocabulary."""
+import math
+
+import pytest
+import torch
+
+from lco_kernels.tensor_parallel import LOCAL_IGNORE, NOT_HERE, combine_partials, shard_labels
+
+
+def shard_partials(z, local_labels, with_entropy=True):
+    """(K, N) float64 partials of one shard's rows, straight from the definitions."""
+    z = z.double()
+    V = z.shape[-1]
+    owned = (local_labels >= 0) & (local_labels < V)
+    idx = local_labels.clamp(0, max(V - 1, 0))[:, None]
+    z_i = torch.where(owned, z.gather(1, idx)[:, 0], 0.0) if V else torch.zeros(len(z), dtype=z.dtype)
+    z = z.clone()
+    if V:
+        z.scatter_(1, idx, torch.where(owned[:, None], -torch.inf, z.gather(1, idx)))
+    m = z.amax(dim=1) if V else torch.full((len(z),), -torch.inf, dtype=z.dtype)
+    m_ref = torch.where(m == -torch.inf, 0.0, m)
+    e = torch.exp(z - m_ref[:, None])
+    rows = [m, e.sum(1), z_i, owned.double()]
+    if with_entropy:
+        rows += [torch.where(e == 0, 0.0, e * (z - m_ref[:, None])).sum(1), (e * e).sum(1)]
+    return torch.stack(rows)
+
+
+def split_vocab(V, world):
+    """Uneven shard starts: the first shard has one column, the rest split what remains."""
+    rest = torch.linspace(1, V, world).round().long().tolist()[:-1]
+    return [0] + rest[1:] if world > 1 else [0]
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_combine_equals_whole_vocabulary(with_entropy):
+    N, V = 12, 29
+    z = torch.randn(N, V, dtype=torch.float64) * 4
+    labels = torch.randint(0, V, (N,))
+    labels[0] = -100                        # ignored
+    labels[1], z[1, :9] = 3, -torch.inf     # the first shard [0, 9) is all −inf, label included
+    z[2, 9:] = -torch.inf                   # the last two shards are all −inf
+    labels[2] = 4
+    z[3] = -torch.inf                       # every logit −inf
+    z[4, 5] = 0.0                           # a label column (labels[4] = 5) whose logit is exactly 0
+    labels[4] = 5
+    z[5, 20] = float("nan")                 # NaN on another shard than the label's
+    labels[5] = 1
+    z[6] = -torch.inf
+    z[6, 7] = 1.0                           # only the label is finite: lse₋ᵢ = −inf
+    labels[6] = 7
+    starts, ends = [0, 9, 10], [9, 10, V]   # uneven, one shard of a single column
+    expected = shard_partials(z, shard_labels(labels, -100, 0, V), with_entropy)
+    gathered = torch.stack([shard_partials(z[:, a:b], shard_labels(labels, -100, a, b - a), with_entropy)
+                            for a, b in zip(starts, ends)])
+    combined = combine_partials(gathered)
+    valid = labels != -100
+    assert combined[3].tolist() == valid.double().tolist()  # every valid label owned by exactly one rank
+    torch.testing.assert_close(combined, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert combined[:, 5].isnan().any() and not combined[:, :5].isnan().any()
+    lse_excl = combined[0] + combined[1].log()
+    full = z.clone()
+    full[valid, labels[valid]] = -torch.inf
+    torch.testing.assert_close(lse_excl[valid], torch.logsumexp(full[valid], dim=1), equal_nan=True)
+
+
+def test_combine_is_identity_for_one_shard():
+    z = torch.randn(6, 11, dtype=torch.float64)
+    z[0] = -torch.inf
+    partials = shard_partials(z, torch.randint(0, 11, (6,)))
+    torch.testing.assert_close(combine_partials(partials[None]), partials, rtol=0, atol=0)
+
+
+def test_shard_labels_keeps_ignored_and_foreign_rows_off_every_column():
+    # ignore_index may be a column id itself (here 3): the local sweep always ignores LOCAL_IGNORE instead.
+    labels = torch.tensor([3, 4, 12, 0, 7])
+    local = shard_labels(labels, 3, 4, 8)   # shard [4, 12)
+    assert local.tolist() == [LOCAL_IGNORE, 0, NOT_HERE, NOT_HERE, 3]
+    assert LOCAL_IGNORE < 0 and NOT_HERE < 0 and LOCAL_IGNORE != NOT_HERE
+
+
+def spawn(tmp_path, world, case, *args):
+    """Run ``tp_worker.<case>`` on ``world`` gloo ranks in fresh processes (a file:// rendezvous in tmp_path)."""
+    import torch.multiprocessing as mp
+
+    import tp_worker
+    mp.spawn(tp_worker.spawned, args=(world, f"file://{tmp_path}/rendezvous", case, args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world, V, starts", [(2, 16, (0, 8)), (3, 23, (0, 1, 9))],
+                         ids=["2-ranks-equal-split", "3-ranks-uneven"])
+def test_every_loss_matches_single_process(tmp_path, world, V, starts):
+    spawn(tmp_path, world, "parity", starts, V, str(tmp_path))
+
+
+def test_bad_labels_raise_on_every_rank(tmp_path):
+    spawn(tmp_path, 2, "bad_input", 10)
