@@ -1,6 +1,8 @@
 """Vocabulary-parallel losses (issue 14): the combine of per-row partials, then the losses over
 torch.distributed (gloo, spawned processes) against the single-process result on the whole vocabulary."""
-import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,12 +27,6 @@ def shard_partials(z, local_labels, with_entropy=True):
     if with_entropy:
         rows += [torch.where(e == 0, 0.0, e * (z - m_ref[:, None])).sum(1), (e * e).sum(1)]
     return torch.stack(rows)
-
-
-def split_vocab(V, world):
-    """Uneven shard starts: the first shard has one column, the rest split what remains."""
-    rest = torch.linspace(1, V, world).round().long().tolist()[:-1]
-    return [0] + rest[1:] if world > 1 else [0]
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -80,19 +76,31 @@ def test_shard_labels_keeps_ignored_and_foreign_rows_off_every_column():
     assert LOCAL_IGNORE < 0 and NOT_HERE < 0 and LOCAL_IGNORE != NOT_HERE
 
 
-def spawn(tmp_path, world, case, *args):
-    """Run ``tp_worker.<case>`` on ``world`` gloo ranks in fresh processes (a file:// rendezvous in tmp_path)."""
+def spawn(tmp_path, world, *cases):
+    """Run the (function name, args) ``cases`` of tp_worker on ``world`` gloo ranks in fresh processes
+    (one process start per rank costs seconds: each spawn runs many cases)."""
     import torch.multiprocessing as mp
 
     import tp_worker
-    mp.spawn(tp_worker.spawned, args=(world, f"file://{tmp_path}/rendezvous", case, args), nprocs=world, join=True)
+    mp.spawn(tp_worker.run_cases, args=(world, f"file://{tmp_path}/rendezvous", list(cases)), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("world, V, starts", [(2, 16, (0, 8)), (3, 23, (0, 1, 9))],
-                         ids=["2-ranks-equal-split", "3-ranks-uneven"])
-def test_every_loss_matches_single_process(tmp_path, world, V, starts):
-    spawn(tmp_path, world, "parity", starts, V, str(tmp_path))
+def test_two_ranks_equal_split(tmp_path):
+    """Every loss × reduction × backend with stats, the edge rows, a NaN row and DTensor logits over two
+    equal shards (the default vocab_start_index); labels no rank holds, or two hold, raise on every rank."""
+    spawn(tmp_path, 2, ("parity", [(0, 8), 16, str(tmp_path)]), ("bad_input", [10]))
 
 
-def test_bad_labels_raise_on_every_rank(tmp_path):
-    spawn(tmp_path, 2, "bad_input", 10)
+def test_three_ranks_uneven_shards(tmp_path):
+    """The same over shards of 1, 8 and 14 columns (explicit vocab_start_index), and DTensor's 8/8/7 split."""
+    spawn(tmp_path, 3, ("parity", [(0, 1, 9), 23, str(tmp_path)]))
+
+
+def test_torchrun_two_processes(tmp_path):
+    """The launch users run: ``torchrun --nproc_per_node 2`` (as python -m torch.distributed.run), env:// init."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+           '[["smoke", [16]]]']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("largest deviations from one process") == 2, out.stdout

@@ -1,6 +1,7 @@
 """The ranks of tests/test_tensor_parallel.py: each loss over a vocabulary shard (gloo on CPU) against
 this library's single-process result on the whole vocabulary, which every rank recomputes from the
-same seed. Run by ``torch.multiprocessing.spawn`` (``spawned``) or as a script under torchrun.
+same seed. Run by ``torch.multiprocessing.spawn`` (``run_cases``) or as a script under torchrun
+(``python -m torch.distributed.run --nproc_per_node 2 tests/tp_worker.py '[["smoke", [16]]]'``).
 
 A rank that finds a difference raises; spawn then stops the other ranks and re-raises in pytest.
 """
@@ -173,19 +174,27 @@ def bad_input(rank, world, V):
         raise AssertionError("a replicated DTensor was accepted")
 
 
-def spawned(rank, world, init_method, case, args):
-    """The entry point of ``torch.multiprocessing.spawn``: one rank of ``case`` (a function here)."""
+def smoke(rank, world, V):
+    """A few cases for the torchrun launch: LCO and SFT on both backends."""
+    logits, labels, adv, old, ref = inputs(world, V, seed=11)
+    v_r = V // world
+    errors = {}
+    for name, reduction, backend in (("lco", "mean", "triton"), ("sft", "none", "torch")):
+        run_case(name, reduction, backend, logits[..., rank * v_r:(rank + 1) * v_r], (logits, labels), adv, old, ref,
+                 rank, world, errors, group=dist.group.WORLD)
+    print(f"rank {rank}/{world}: largest deviations from one process {errors}")
+
+
+def run_cases(rank, world, init_method, cases):
+    """One rank: join the gloo group, run each (function name, args) of ``cases``, leave."""
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        globals()[case](rank, world, *args)
+        for case, args in cases:
+            globals()[case](rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment
-    dist.init_process_group("gloo", timeout=TIMEOUT)
-    try:
-        globals()[sys.argv[1]](dist.get_rank(), dist.get_world_size(), *json.loads(sys.argv[2]))
-    finally:
-        dist.destroy_process_group()
+    run_cases(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", json.loads(sys.argv[1]))
