@@ -149,6 +149,42 @@ def parity(rank, world, starts, V, out_dir):
             json.dump(errors, f)
 
 
+def fused_linear(rank, world, starts, V, H):
+    """The fused linear loss with this rank's rows of the LM head: loss, grad_weight/bias rows, grad_hidden
+    (a partial sum over the ranks, or all-reduced with all_reduce_grad_hidden) vs one process."""
+    torch.manual_seed(2000 + world)
+    hidden = torch.randn(3, 4, H)
+    weight, bias = torch.randn(V, H) * 0.6, torch.randn(V)
+    _, labels, adv = make_inputs((3, 4), V)
+    bounds = list(starts) + [V]
+    v0, v1 = bounds[rank], bounds[rank + 1]
+    errors = {}
+    for backend, reduction, chunk_size, reduce_here in (("torch", "mean", 5, False), ("triton", "none", None, True),
+                                                        ("torch", "seq-mean-token-mean", None, False)):
+        kw = dict(loss="lco", bias=None, reduction=reduction, chunk_size=chunk_size, backend=backend, return_stats=True)
+        upstream = torch.randn(labels.shape) if reduction == "none" else torch.tensor(0.7)
+        full = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss_full, stats_full = lco_kernels.fused_linear_policy_loss(full[0], full[1], labels, adv,
+                                                                     **dict(kw, bias=full[2]))
+        (loss_full * upstream).sum().backward()
+        mine = [t.clone().requires_grad_(True) for t in (hidden, weight[v0:v1], bias[v0:v1])]
+        loss, stats = lco_kernels.fused_linear_policy_loss(
+            mine[0], mine[1], labels, adv, process_group=dist.group.WORLD, vocab_start_index=v0,
+            all_reduce_grad_hidden=reduce_here, **dict(kw, bias=mine[2]))
+        (loss * upstream).sum().backward()
+        grad_hidden = mine[0].grad.clone()
+        if not reduce_here:  # a partial sum, as Megatron's ColumnParallelLinear leaves it
+            dist.all_reduce(grad_hidden)
+        tag = f"[fused-linear {reduction} {backend} rank {rank}/{world}]"
+        scale = adv.abs().max() * upstream.abs().max()
+        compare(f"loss{tag}", loss.detach(), loss_full.detach(), adv, errors)
+        compare(f"logprobs{tag}", stats.logprobs, stats_full.logprobs, adv.abs().clamp(min=1), errors)
+        for what, got, want in (("grad_hidden", grad_hidden, full[0].grad), ("grad_weight", mine[1].grad,
+                                full[1].grad[v0:v1]), ("grad_bias", mine[2].grad, full[2].grad[v0:v1])):
+            compare(f"{what}{tag}", got, want, scale, errors)
+    print(f"fused linear, rank {rank}/{world}: largest deviations {errors}")
+
+
 def bad_input(rank, world, V):
     """Labels no rank holds, or two ranks hold, raise the same ValueError on every rank (no rank hangs)."""
     logits, labels, adv, _, _ = inputs(world, V, seed=7)
