@@ -87,8 +87,9 @@ def spawn(tmp_path, world, *cases):
 
 def test_two_ranks_equal_split(tmp_path):
     """Every loss × reduction × backend with stats, the edge rows, a NaN row and DTensor logits over two
-    equal shards (the default vocab_start_index); labels no rank holds, or two hold, raise on every rank."""
-    spawn(tmp_path, 2, ("parity", [(0, 8), 16, str(tmp_path)]), ("bad_input", [10]))
+    equal shards (the default vocab_start_index); labels no rank holds, or two hold, raise on every rank;
+    the Triton path's launches and traffic on a shard."""
+    spawn(tmp_path, 2, ("parity", [(0, 8), 16, str(tmp_path)]), ("bad_input", [10]), ("traffic", [6000]))
 
 
 def test_three_ranks_uneven_shards(tmp_path):
@@ -105,3 +106,15 @@ def test_torchrun_two_processes(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("largest deviations from one process") == 2, out.stdout
+
+
+def test_options_without_a_group_are_errors():
+    import lco_kernels
+    logits, labels, adv = torch.randn(4, 7), torch.randint(0, 7, (4,)), torch.randn(4)
+    with pytest.raises(ValueError, match="vocab_start_index"):
+        lco_kernels.lco_loss(logits, labels, adv, vocab_start_index=3)
+    with pytest.raises(ValueError, match="not initialised"):  # no init_process_group in this process
+        lco_kernels.sft_loss(logits, labels, process_group=object())
+    with pytest.raises(ValueError, match="all_reduce_grad_hidden"):
+        lco_kernels.fused_linear_policy_loss(torch.randn(4, 3), torch.randn(7, 3), labels, adv,
+                                             all_reduce_grad_hidden=True)

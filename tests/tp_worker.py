@@ -185,6 +185,25 @@ def fused_linear(rank, world, starts, V, H):
     print(f"fused linear, rank {rank}/{world}: largest deviations {errors}")
 
 
+def traffic(rank, world, V):
+    """Triton on a shard: sweep, head, backward = 3 launches and 3.0 × N·V_r elements of vocabulary
+    traffic (the head reads no logits), as the single-process forward + backward moves 3.0 × N·V."""
+    from lco_kernels.diagnostics.traffic import count_traffic, summarize
+    logits, labels, adv = make_inputs((2, 4), V, ignore_frac=0.0, zero_adv_frac=0.0)
+    v_r = V // world
+    shard = logits[..., rank * v_r:(rank + 1) * v_r].clone().requires_grad_(True)
+    for inplace in (False, True):
+        with count_traffic() as launches:
+            loss = lco_kernels.lco_loss(shard, labels, adv, backend="triton", inplace_backward=inplace,
+                                        process_group=dist.group.WORLD)
+            loss.backward()
+        stats = summarize(launches, 8, v_r, 4)
+        assert [launch.kernel for launch in launches] == ["_policy_forward_kernel"] * 2 + ["_policy_backward_kernel"]
+        assert stats["vocab_elements_per_NV"] == 3.0, stats
+        assert launches[1].bytes_of(["logits_ptr"]) == 0  # the head-only launch
+        assert stats["unattributed_bytes"] == 0, stats
+
+
 def bad_input(rank, world, V):
     """Labels no rank holds, or two ranks hold, raise the same ValueError on every rank (no rank hangs)."""
     logits, labels, adv, _, _ = inputs(world, V, seed=7)
