@@ -7,26 +7,34 @@ import sys
 import pytest
 import torch
 
-from lco_kernels.tensor_parallel import LOCAL_IGNORE, NOT_HERE, combine_partials, shard_labels
+from lco_kernels.stats import PART, PARTIALS
+from lco_kernels.tensor_parallel import _BASE_K, combine_partials
 
 
-def shard_partials(z, local_labels, with_entropy=True):
-    """(K, N) float64 partials of one shard's rows, straight from the definitions."""
+def shard_partials(z, labels, vocab_start, with_entropy=True, ignore_index=-100):
+    """(N, len(PARTIALS)) float64 partials of one shard's rows, straight from the definitions."""
     z = z.double()
-    V = z.shape[-1]
-    owned = (local_labels >= 0) & (local_labels < V)
-    idx = local_labels.clamp(0, max(V - 1, 0))[:, None]
-    z_i = torch.where(owned, z.gather(1, idx)[:, 0], 0.0) if V else torch.zeros(len(z), dtype=z.dtype)
+    N, V = z.shape
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < V) & (labels != ignore_index)
+    idx = torch.where(owned, local, 0)[:, None]
     z = z.clone()
+    out = torch.zeros(N, len(PARTIALS), dtype=torch.float64)
     if V:
+        out[:, PART["z_i"]] = torch.where(owned, z.gather(1, idx)[:, 0], 0.0)
         z.scatter_(1, idx, torch.where(owned[:, None], -torch.inf, z.gather(1, idx)))
-    m = z.amax(dim=1) if V else torch.full((len(z),), -torch.inf, dtype=z.dtype)
+    m = z.amax(dim=1) if V else torch.full((N,), -torch.inf, dtype=torch.float64)
     m_ref = torch.where(m == -torch.inf, 0.0, m)
     e = torch.exp(z - m_ref[:, None])
-    rows = [m, e.sum(1), z_i, owned.double()]
+    out[:, PART["m"]], out[:, PART["s"]], out[:, PART["owned"]] = m, e.sum(1), owned.double()
     if with_entropy:
-        rows += [torch.where(e == 0, 0.0, e * (z - m_ref[:, None])).sum(1), (e * e).sum(1)]
-    return torch.stack(rows)
+        out[:, PART["u"]] = torch.where(e == 0, 0.0, e * (z - m_ref[:, None])).sum(1)
+        out[:, PART["q"]] = (e * e).sum(1)
+    return out
+
+
+def test_the_columns_sent_without_entropy_are_the_first_four():
+    assert [PART[name] for name in ("m", "s", "z_i", "owned")] == list(range(_BASE_K))
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -47,15 +55,15 @@ def test_combine_equals_whole_vocabulary(with_entropy):
     z[6, 7] = 1.0                           # only the label is finite: lse₋ᵢ = −inf
     labels[6] = 7
     starts, ends = [0, 9, 10], [9, 10, V]   # uneven, one shard of a single column
-    expected = shard_partials(z, shard_labels(labels, -100, 0, V), with_entropy)
-    gathered = torch.stack([shard_partials(z[:, a:b], shard_labels(labels, -100, a, b - a), with_entropy)
-                            for a, b in zip(starts, ends)])
+    k = len(PARTIALS) if with_entropy else _BASE_K
+    expected = shard_partials(z, labels, 0, with_entropy)
+    gathered = torch.stack([shard_partials(z[:, a:b], labels, a, with_entropy)[:, :k] for a, b in zip(starts, ends)])
     combined = combine_partials(gathered)
     valid = labels != -100
-    assert combined[3].tolist() == valid.double().tolist()  # every valid label owned by exactly one rank
+    assert combined[:, PART["owned"]].tolist() == valid.double().tolist()  # each valid label on exactly one rank
     torch.testing.assert_close(combined, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
-    assert combined[:, 5].isnan().any() and not combined[:, :5].isnan().any()
-    lse_excl = combined[0] + combined[1].log()
+    assert combined[5].isnan().any() and not combined[:5].isnan().any()
+    lse_excl = combined[:, PART["m"]] + combined[:, PART["s"]].log()
     full = z.clone()
     full[valid, labels[valid]] = -torch.inf
     torch.testing.assert_close(lse_excl[valid], torch.logsumexp(full[valid], dim=1), equal_nan=True)
@@ -64,16 +72,8 @@ def test_combine_equals_whole_vocabulary(with_entropy):
 def test_combine_is_identity_for_one_shard():
     z = torch.randn(6, 11, dtype=torch.float64)
     z[0] = -torch.inf
-    partials = shard_partials(z, torch.randint(0, 11, (6,)))
+    partials = shard_partials(z, torch.randint(0, 11, (6,)), 0)
     torch.testing.assert_close(combine_partials(partials[None]), partials, rtol=0, atol=0)
-
-
-def test_shard_labels_keeps_ignored_and_foreign_rows_off_every_column():
-    # ignore_index may be a column id itself (here 3): the local sweep always ignores LOCAL_IGNORE instead.
-    labels = torch.tensor([3, 4, 12, 0, 7])
-    local = shard_labels(labels, 3, 4, 8)   # shard [4, 12)
-    assert local.tolist() == [LOCAL_IGNORE, 0, NOT_HERE, NOT_HERE, 3]
-    assert LOCAL_IGNORE < 0 and NOT_HERE < 0 and LOCAL_IGNORE != NOT_HERE
 
 
 def spawn(tmp_path, world, *cases):

@@ -36,7 +36,7 @@ def loss_call(name, logits, labels, adv, old, ref, **kw):
     if name == "sft":
         return lco_kernels.sft_loss(logits, labels, **kw)
     if name == "pg":
-        return lco_kernels.pg_loss(logits, labels, adv, **kw)
+        return lco_kernels.pg_loss(logits, labels, adv, ref_logprobs=ref, beta=0.05, kl_type="k1", **kw)
     if name == "ppo":
         return lco_kernels.ppo_loss(logits, labels, adv, old, dual_clip=3.0, ref_logprobs=ref, beta=0.1, **kw)
     if name == "cispo":
@@ -77,10 +77,11 @@ def compare(what, actual, expected, adv, errors):
 
 
 def run_case(name, reduction, backend, shard, full, adv, old, ref, rank, world, errors, *, group=None, start=None,
-             dtensor_mesh=None):
-    """Loss, gradient and stats of one case over the shard vs on the full logits."""
+             dtensor_mesh=None, **options):
+    """Loss, gradient and stats of one case over the shard vs on the full logits (``options``: more
+    keyword options of the loss, the same on both sides)."""
     full_logits, labels = full
-    kw = dict(reduction=reduction, backend=backend, return_stats=True)
+    kw = dict(reduction=reduction, backend=backend, return_stats=True, **options)
     upstream = torch.randn(labels.shape) if reduction == "none" else torch.tensor(1.7)
     z = full_logits.clone().requires_grad_(True)
     loss_full, stats_full = loss_call(name, z, labels, adv, old, ref, **kw)
@@ -92,7 +93,8 @@ def run_case(name, reduction, backend, shard, full, adv, old, ref, rank, world, 
         x = DTensor.from_local(local, dtensor_mesh, [Shard(-1)], run_check=False,
                                shape=full_logits.shape, stride=full_logits.stride())
         loss, stats = loss_call(name, x, labels, adv, old, ref, **kw)
-        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), (type(loss), getattr(loss, "placements", None))
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), (type(loss),
+                                                                                getattr(loss, "placements", None))
         (loss * DTensor.from_local(upstream, dtensor_mesh, [Replicate()], run_check=False)).sum().backward()
         loss, grad = loss.to_local(), local.grad
     else:
@@ -100,7 +102,8 @@ def run_case(name, reduction, backend, shard, full, adv, old, ref, rank, world, 
         loss, stats = loss_call(name, local, labels, adv, old, ref, process_group=group, vocab_start_index=start, **kw)
         (loss * upstream).sum().backward()
         grad = local.grad
-    tag = f"[{name} {reduction} {backend} rank {rank}/{world}{' dtensor' if dtensor_mesh is not None else ''}]"
+    tag = (f"[{name} {reduction} {backend} {options} rank {rank}/{world}"
+           f"{' dtensor' if dtensor_mesh is not None else ''}]")
     v0 = start if start is not None else rank * shard.shape[-1]
     compare(f"loss{tag}", loss.detach(), loss_full.detach(), adv, errors)
     compare(f"grad{tag}", grad, z.grad[..., v0:v0 + shard.shape[-1]], adv * upstream.abs().max(), errors)
@@ -110,6 +113,26 @@ def run_case(name, reduction, backend, shard, full, adv, old, ref, rank, world, 
             assert getattr(stats, field) is None, f"{field}{tag}"
         else:
             compare(f"{field}{tag}", getattr(stats, field), expected, adv.abs().clamp(min=1), errors)
+
+
+def logprobs_case(backend, shard, full, adv, rank, world, errors, start):
+    """token_logprobs with its entropy (both differentiable) over the shard vs on the full logits."""
+    full_logits, labels = full
+    g_logp, g_ent = torch.randn(labels.shape), torch.randn(labels.shape)
+    z = full_logits.clone().requires_grad_(True)
+    logp_full, ent_full = lco_kernels.token_logprobs(z, labels, temperature=0.8, return_entropy=True, backend=backend)
+    (logp_full * g_logp + ent_full * g_ent).sum().backward()
+    local = shard.clone().requires_grad_(True)
+    logp, ent = lco_kernels.token_logprobs(local, labels, temperature=0.8, return_entropy=True, backend=backend,
+                                           process_group=dist.group.WORLD, vocab_start_index=start)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    v0 = start if start is not None else rank * shard.shape[-1]
+    tag = f"[token_logprobs {backend} rank {rank}/{world}]"
+    one = torch.ones(())
+    compare(f"logprobs{tag}", logp.detach(), logp_full.detach(), one, errors)
+    compare(f"entropy{tag}", ent.detach(), ent_full.detach(), one, errors)
+    compare(f"grad{tag}", local.grad, z.grad[..., v0:v0 + shard.shape[-1]], g_logp.abs().max() + g_ent.abs().max(),
+            errors)
 
 
 def parity(rank, world, starts, V, out_dir):
@@ -125,10 +148,14 @@ def parity(rank, world, starts, V, out_dir):
             # The reduction weights come from labels and advantages only, the same on every path: the torch
             # backend runs every loss × reduction, the (interpreted, slow) Triton one two reductions per
             # loss, which covers each reduction once.
-            reductions = REDUCTIONS if backend == "torch" else [REDUCTIONS[(2 * k + j) % len(REDUCTIONS)] for j in (0, 1)]
-            for reduction in reductions:
+            # Temperature and the entropy term (which sends the entropy accumulators too) alternate.
+            reductions = (REDUCTIONS if backend == "torch"
+                          else [REDUCTIONS[(2 * k + j) % len(REDUCTIONS)] for j in (0, 1)])
+            for r, reduction in enumerate(reductions):
                 run_case(name, reduction, backend, logits[..., v0:v1], (logits, labels), adv, old, ref, rank, world,
-                         errors, group=dist.group.WORLD, start=start)
+                         errors, group=dist.group.WORLD, start=start, temperature=(1.0, 0.7)[(k + r) % 2],
+                         entropy_coef=(0.0, 0.02)[(k + r) // 2 % 2], inplace_backward=r == 1)
+        logprobs_case(backend, logits[..., v0:v1], (logits, labels), adv, rank, world, errors, start)
     # A NaN logit on one rank: that row's loss and gradient are NaN on every rank, no other row changes.
     poisoned = logits.clone()
     poisoned[2, 1, V - 1 - (labels[2, 1] == V - 1).long()] = float("nan")
@@ -198,7 +225,7 @@ def traffic(rank, world, V):
                                         process_group=dist.group.WORLD)
             loss.backward()
         stats = summarize(launches, 8, v_r, 4)
-        assert [launch.kernel for launch in launches] == ["_policy_forward_kernel"] * 2 + ["_policy_backward_kernel"]
+        assert [launch.kernel for launch in launches] == ["_forward_kernel"] * 2 + ["_backward_kernel"]
         assert stats["vocab_elements_per_NV"] == 3.0, stats
         assert launches[1].bytes_of(["logits_ptr"]) == 0  # the head-only launch
         assert stats["unattributed_bytes"] == 0, stats
