@@ -53,25 +53,24 @@ from .stats import TokenStats
 def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index, reduction,
            loss_mask, max_length, token_count, seq_count, inplace_backward, backend, return_stats,
            process_group, vocab_start_index, return_entropy=False):
-    mesh = None
+    tp = mesh = None
     if tensor_parallel.is_dtensor(logits):
         logits, tp, mesh = tensor_parallel.unwrap_dtensor(logits, process_group, vocab_start_index)
         labels, advantages, old_logprobs, ref_logprobs, loss_mask = (tensor_parallel.local_value(x) for x in (
             labels, advantages, old_logprobs, ref_logprobs, loss_mask))
-    else:
-        tp = tensor_parallel.resolve_shard(process_group, vocab_start_index, getattr(logits, "shape", (0,))[-1])
     check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
                   max_length=max_length, temperature=spec.temperature, entropy_coef=spec.entropy_coef,
                   inplace_backward=inplace_backward, token_count=token_count, seq_count=seq_count,
                   device=getattr(logits, "device", None))
     check_logits_labels(logits, labels)
+    if mesh is None:
+        tp = tensor_parallel.resolve_shard(process_group, vocab_start_index, logits.shape[-1])
     impl = resolve_backend(backend, logits)
     if inplace_backward:
         check_no_self_overlap(as_rows3d(logits))
     # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
     tokens = prepare_tokens(spec, labels, logits.shape[-1] if tp is None else None, advantages, old_logprobs,
-                            ref_logprobs,
-                            ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask,
+                            ref_logprobs, ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask,
                             max_length=max_length, token_count=token_count, seq_count=seq_count)
     loss, entropy, stats = PolicyLossFunction.apply(
         logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
