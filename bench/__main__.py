@@ -82,6 +82,15 @@ def main(argv=None):
                             + report.traffic_table(record["traffic"]))
         except Exception as e:  # noqa: BLE001
             sections.append(f"## Memory traffic\n\nnot measured: {e}")
+    if device == "cpu":
+        suite.log("vocabulary-parallel (gloo, 2 ranks) ...")
+        try:
+            record["tensor_parallel"] = suite.tp_table(args.quick, repeats)
+            sections.append("## Tensor parallel: LCO over a vocabulary split across 2 gloo ranks (one thread per rank "
+                            "and for the single process; torch backend; collectives counted by wrapping "
+                            "torch.distributed)\n\n" + report.tp_table(record["tensor_parallel"]))
+        except Exception as e:  # noqa: BLE001
+            sections.append(f"## Tensor parallel\n\nnot measured: {e}")
     suite.log(f"static kernel report (ahead-of-time compile for sm_80 and sm_90{', subset' if args.quick else ''}) ...")
     record["static"] = suite.static_report(args.quick)
     sections.append("## Kernels compiled ahead of time for sm_80 and sm_90 (worst case over dtypes, block sizes, "

@@ -103,6 +103,18 @@ def traffic_table(rows):
     return "\n".join(lines)
 
 
+def tp_table(r):
+    """Vocabulary-parallel LCO vs one process holding the whole vocabulary (bench.tp_worker)."""
+    lines = ["| ranks | N | V | collectives fwd / bwd | bytes / row sent, gathered (per rank) | time per rank "
+             "÷ one process (median, min) | one process median ms | per rank median ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {r['world']} | {r['N']} | {r['V']} | {len(r['forward_collectives'])} "
+             f"({', '.join(r['forward_collectives']) or '–'}) / {len(r['backward_collectives'])} | "
+             f"{r['sent_bytes_per_row']:.0f}, {r['received_bytes_per_row']:.0f} | {r['ratio_median']:.2f}, "
+             f"{r['ratio_min']:.2f} | {r['single_median_s'] * 1e3:.1f} | {r['rank_median_s'] * 1e3:.1f} |"]
+    return "\n".join(lines)
+
+
 def static_table(rows):
     """Per kernel / head / stats: the worst registers and spills over dtypes, block sizes and targets."""
     groups = collections.OrderedDict()

@@ -207,6 +207,16 @@ def traffic_table():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tp_table(quick, repeats):
+    """Vocabulary-parallel LCO on 2 gloo ranks vs one process (bench.tp_worker, fresh processes)."""
+    n, vocab = (64, 32000) if quick else (256, 128256)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.tp_worker", str(n), str(vocab), "2",
+                          str(repeats)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def static_report(quick):
     from lco_kernels.diagnostics import aot
     return aot.run_report(quick=quick)

@@ -9,6 +9,7 @@ value on the host. Second derivatives are not supported: backward(create_graph=T
 """
 import torch
 
+from . import tensor_parallel
 from ._plumbing import flat
 from .stats import ROW
 
@@ -67,3 +68,51 @@ def refuse_double_backward():
     if torch.is_grad_enabled():
         raise RuntimeError("lco_kernels losses have no second derivative: backward with create_graph=True "
                            "(a Hessian-vector product, a gradient penalty) through them is not supported")
+
+
+class ShardedLossFunction(torch.autograd.Function):
+    """A loss on one rank's vocabulary shard (tensor_parallel.py); outputs (loss, entropy, stats), see
+    ``reduce_rows``. ``tp`` = (process group, first column): the forward combines the shards' partials
+    in one all-gather; the backward is the same local sweep, shifted to the shard's columns. (The
+    single-process losses are the custom ops of ops.py: a ProcessGroup cannot pass through an op schema.)"""
+
+    @staticmethod
+    def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
+                inplace_backward, backend, with_stats, return_entropy, tp):
+        logits3d = as_rows3d(logits)
+        dtype = compute_dtype(logits.dtype)
+        labels_flat = flat(labels, torch.int64)
+        entropy_grad = return_entropy or spec.has_entropy_term
+        per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec, ignore_index,
+                     entropy_grad or with_stats, with_stats)
+        rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
+        ctx.save_for_backward(logits, labels_flat, rows, weights)
+        ctx.spec = spec
+        ctx.inplace_backward = inplace_backward
+        ctx.backend = backend
+        ctx.entropy_grad = entropy_grad
+        ctx.gradient_written = False
+        ctx.vocab_start = tp[1]
+        return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_entropy, grad_stats):
+        refuse_double_backward()
+        if ctx.inplace_backward and ctx.gradient_written:
+            raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
+                               "gradient, so this graph cannot be differentiated again")
+        logits, labels_flat, rows, weights = ctx.saved_tensors
+        coef, ent_coef = row_coefficients(ctx.spec, rows, weights, grad_loss, grad_entropy, ctx.entropy_grad)
+        logits3d = as_rows3d(logits)
+        if ctx.inplace_backward:
+            grad3d = logits3d  # the gradient overwrites the logits' storage
+        else:
+            grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
+        ctx.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, ctx.spec, ctx.vocab_start)
+        if ctx.inplace_backward:
+            ctx.gradient_written = True
+            # Anything else that saved these logits now fails its version check instead of
+            # silently reading the gradient.
+            torch.autograd.graph.increment_version(logits)
+        n_others = ShardedLossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
+        return (grad3d.view(logits.shape),) + (None,) * n_others

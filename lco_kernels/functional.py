@@ -25,6 +25,12 @@ and labels (...), and these keyword-only options:
         TRITON_INTERPRET=1), "triton" or "torch".
     return_stats: also return a ``TokenStats`` of per-token log-probs, entropy, logit-gradient
         norm, and (per loss) target probability / clamped / clipped flags, from the same sweep.
+    process_group: vocabulary parallelism (README "Tensor parallel"): ``logits`` are this rank's
+        columns [vocab_start_index, vocab_start_index + V_r) of the vocabulary, labels are global
+        ids; every rank gets the same loss and the gradient of its shard. One all-gather of O(N)
+        per forward, none in the backward. ``vocab_start_index`` defaults to rank × V_r.
+        Logits that are a DTensor sharded Shard(-1) on a 1-D mesh take this path by themselves
+        (the results are then DTensors replicated over the mesh, as with ``loss_parallel``).
 
 Losses that take advantages also take ``ref_logprobs`` and ``beta`` (a KL penalty to a reference
 policy, loss += β·KL per token) with verl's estimator ``kl_type``: "k3" = "low_var_kl" (default,
@@ -36,34 +42,51 @@ supported (differentiating a gradient raises).
 """
 import torch
 
-from . import ops
+from . import ops, tensor_parallel
 from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_logits_labels, check_no_self_overlap, check_options
+from .autograd import ShardedLossFunction
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import TokenStats
 
 
 def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index, reduction,
            loss_mask, max_length, token_count, seq_count, inplace_backward, backend, return_stats,
-           return_entropy=False):
+           process_group, vocab_start_index, return_entropy=False):
+    tp = mesh = None
+    if tensor_parallel.is_dtensor(logits):
+        logits, tp, mesh = tensor_parallel.unwrap_dtensor(logits, process_group, vocab_start_index)
+        labels, advantages, old_logprobs, ref_logprobs, loss_mask = (tensor_parallel.local_value(x) for x in (
+            labels, advantages, old_logprobs, ref_logprobs, loss_mask))
     check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
                   max_length=max_length, temperature=spec.temperature, entropy_coef=spec.entropy_coef,
                   inplace_backward=inplace_backward, token_count=token_count, seq_count=seq_count,
                   device=getattr(logits, "device", None))
     check_logits_labels(logits, labels)
+    if mesh is None:
+        tp = tensor_parallel.resolve_shard(process_group, vocab_start_index, logits.shape[-1])
     impl = resolve_backend(backend, logits)
     if inplace_backward:
         check_no_self_overlap(ops.as_rows3d(logits))
     tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                             reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                             seq_count=seq_count)
-    # the labels are checked against the vocabulary inside the op (on CPU tensors only: ops.py)
-    dtype = ops.compute_dtype(logits.dtype)
-    rows, entropy, _, stats = ops.policy_forward(
-        logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype), flat(tokens.old_logprobs, dtype),
-        flat(tokens.ref_logprobs, dtype), int(ignore_index), return_entropy or spec.has_entropy_term, return_stats,
-        inplace_backward, ops.backend_name(impl), *ops.spec_args(spec))
-    loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
+    if tp is None:
+        # the labels are checked against the vocabulary inside the op (on CPU tensors only: ops.py)
+        dtype = ops.compute_dtype(logits.dtype)
+        rows, entropy, _, stats = ops.policy_forward(
+            logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
+            flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index),
+            return_entropy or spec.has_entropy_term, return_stats, inplace_backward, ops.backend_name(impl),
+            *ops.spec_args(spec))
+        loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
+    else:
+        # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
+        loss, entropy, stats = ShardedLossFunction.apply(
+            logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
+            int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
+    if mesh is not None:
+        loss, entropy = (tensor_parallel.wrap_replicated(x, mesh) for x in (loss, entropy))
     if return_entropy:
         return loss, entropy.reshape(labels.shape)
     if return_stats:
@@ -73,30 +96,33 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
 
 def sft_loss(logits, labels, *, temperature=1.0, entropy_coef=0.0, ignore_index=-100, reduction="mean",
              loss_mask=None, max_length=None, token_count=None, seq_count=None, inplace_backward=False,
-             backend="auto", return_stats=False):
+             backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
     """Cross-entropy −log p_i per token."""
     spec = loss_spec("sft", temperature=temperature, entropy_coef=entropy_coef)
     return _fused(spec, logits, labels, ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask,
                   max_length=max_length, token_count=token_count, seq_count=seq_count,
-                  inplace_backward=inplace_backward, backend=backend, return_stats=return_stats)
+                  inplace_backward=inplace_backward, backend=backend, return_stats=return_stats,
+                  process_group=process_group, vocab_start_index=vocab_start_index)
 
 
 def pg_loss(logits, labels, advantages, *, ref_logprobs=None, beta=0.0, kl_type="k3", temperature=1.0,
             entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, token_count=None,
-            seq_count=None, inplace_backward=False, backend="auto", return_stats=False):
+            seq_count=None, inplace_backward=False, backend="auto", return_stats=False, process_group=None,
+            vocab_start_index=None):
     """REINFORCE: −Ψ·log p_i per token."""
     spec = loss_spec("pg", ref_logprobs=ref_logprobs, beta=beta, kl_type=kl_type, temperature=temperature,
                      entropy_coef=entropy_coef)
     return _fused(spec, logits, labels, advantages, None, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                   seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
-                  return_stats=return_stats)
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
 
 
 def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, epsilon_high=EPSILON, dual_clip=None,
              ref_logprobs=None, beta=0.0, kl_type="k3", temperature=1.0, entropy_coef=0.0, ignore_index=-100,
              reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
-             inplace_backward=False, backend="auto", return_stats=False):
+             inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
     """PPO / GRPO clipped surrogate (PG-IS), as verl writes it.
 
     r = exp(clamp(log p_i − old_logprobs, ±20)); L = max(−Ψ·r, −Ψ·clip(r, 1 − ε_low, 1 + ε_high))
@@ -109,26 +135,29 @@ def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, e
     return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                   seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
-                  return_stats=return_stats)
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
 
 
 def cispo_loss(logits, labels, advantages, old_logprobs, *, epsilon_high=EPSILON, ref_logprobs=None, beta=0.0,
                kl_type="k3", temperature=1.0, entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None,
                max_length=None, token_count=None, seq_count=None, inplace_backward=False, backend="auto",
-               return_stats=False):
+               return_stats=False, process_group=None, vocab_start_index=None):
     """CISPO: −sg(min(r, 1 + ε_high))·Ψ·log p_i, r = p_i / p_old: the weight is capped, never the gradient."""
     spec = loss_spec("cispo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_high=epsilon_high,
                      beta=beta, kl_type=kl_type, temperature=temperature, entropy_coef=entropy_coef)
     return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                   seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
-                  return_stats=return_stats)
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
 
 
 def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, old_logprobs=None, epsilon_low=EPSILON,
              epsilon_high=EPSILON, ref_logprobs=None, beta=0.0, kl_type="k3", temperature=1.0, entropy_coef=0.0,
              ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, token_count=None,
-             seq_count=None, inplace_backward=False, backend="auto", return_stats=False) -> torch.Tensor:
+             seq_count=None, inplace_backward=False, backend="auto", return_stats=False, process_group=None,
+             vocab_start_index=None) -> torch.Tensor:
     """Logits Convex Optimization loss (paper §4.2): |Ψ|·KL(π' ‖ π) per token, fused.
 
     Args:
@@ -151,11 +180,12 @@ def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, ol
     return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                   seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
-                  return_stats=return_stats)
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, backend="auto"):
+                   inplace_backward=False, backend="auto", process_group=None, vocab_start_index=None):
     """Differentiable fp32 log p_i of softmax(logits / τ) at ``labels`` (labels' shape, 0 at ignored
     positions); with ``return_entropy``, ``(logprobs, entropy)``, both differentiable.
 
@@ -166,7 +196,8 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     spec = loss_spec("sft", temperature=temperature)
     out = _fused(spec, logits, labels, ignore_index=ignore_index, reduction="none", loss_mask=None, max_length=None,
                  token_count=None, seq_count=None, inplace_backward=inplace_backward, backend=backend,
-                 return_stats=False, return_entropy=return_entropy)
+                 return_stats=False, process_group=process_group, vocab_start_index=vocab_start_index,
+                 return_entropy=return_entropy)
     # the SFT head's loss is −log p_i, exactly (a negation rounds nothing)
     if return_entropy:
         return -out[0], out[1]

@@ -26,6 +26,8 @@ their dtypes differ).
 import math
 
 import torch
+
+from . import tensor_parallel
 from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_labels_in_range, check_linear, check_options
 from .autograd import reduce_rows, refuse_double_backward, row_coefficients
@@ -51,7 +53,9 @@ def default_chunk_size(n_tokens, hidden_size, vocab, element_bytes):
 class FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
-                ignore_index, chunk_size, accum_dtype, backend, with_stats, return_entropy):
+                ignore_index, chunk_size, accum_dtype, backend, with_stats, return_entropy, tp):
+        # tp = (process group, first row of the vocabulary, all_reduce_grad_hidden): ``weight`` holds
+        # this rank's rows [v0, v0 + V_r) of the LM head (README "Tensor parallel")
         H = hidden.shape[-1]
         # autocast's rule: the products in the lower precision of hidden and weight
         dtype = product_dtype(hidden, weight, bias)
@@ -61,7 +65,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         bias = None if bias is None else bias.to(dtype)
         n = x.shape[0]
         labels = flat(labels, torch.int64)
-        check_labels_in_range(labels, weight.shape[0], ignore_index)
+        if tp is None:  # a shard's labels are checked against every shard after the gather
+            check_labels_in_range(labels, weight.shape[0], ignore_index)
         advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32)
                                                   for t in (advantages, old_logprobs, ref_logprobs))
         entropy_grad = spec.has_entropy_term or return_entropy
@@ -72,10 +77,13 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         grads = _Grads(x, weight, bias, accum_dtype) if eager else None
 
         def forward_chunk(rows, logits):
-            state, chunk_stats = backend.forward_rows(
-                logits, labels[rows], advantages[rows], None if old_logprobs is None else old_logprobs[rows],
-                None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
-                entropy_grad or with_stats, with_stats)
+            per_token = (advantages[rows], None if old_logprobs is None else old_logprobs[rows],
+                         None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
+                         entropy_grad or with_stats, with_stats)
+            if tp is None:
+                state, chunk_stats = backend.forward_rows(logits, labels[rows], *per_token)
+            else:  # one all-gather of the chunk's partials
+                state, chunk_stats = tensor_parallel.forward_rows(backend, tp[:2], logits, labels[rows], *per_token)
             rows_state[rows] = state
             if with_stats:
                 stats[rows] = chunk_stats
@@ -84,7 +92,9 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
                                         entropy_grad) + (state,)
             return None
 
-        _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, forward_chunk)
+        ctx.vocab_start = 0 if tp is None else tp[1]
+        ctx.reduce_group = tp[0] if tp is not None and tp[2] else None
+        _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, ctx.vocab_start, grads, forward_chunk)
         ctx.hidden_shape = hidden.shape
         ctx.has_bias = bias is not None
         ctx.eager = eager
@@ -123,14 +133,20 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
             def backward_chunk(rows, logits):
                 return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
 
-            _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, grads, backward_chunk)
+            _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, ctx.vocab_start, grads,
+                        backward_chunk)
             grad_hidden, grad_weight, grad_bias = grads.finish(*ctx.input_dtypes)
+        if ctx.reduce_group is not None:
+            # each rank's grad_hidden covers its vocabulary rows only: the gradient of the replicated
+            # hidden states is the sum over the group (what Megatron's copy_to_tensor_model_parallel_region
+            # does in its backward when all_reduce_grad_hidden is left False)
+            torch.distributed.all_reduce(grad_hidden, group=ctx.reduce_group)
         n_others = FusedLinearPolicyLoss.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
         grads = (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None)
         return grads + (None,) * n_others
 
 
-def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, per_chunk):
+def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, vocab_start, grads, per_chunk):
     """The one loop over token chunks: project a chunk into our buffer, call ``per_chunk(rows, logits)``
     and, when it returns the chunk's (coef, ent_coef, row state), overwrite the logits with their
     gradient in place and add the chunk's share to ``grads``."""
@@ -142,7 +158,7 @@ def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, grads, per_c
         coefficients = per_chunk(rows, logits)
         if coefficients is not None:
             coef, ent_coef, state = coefficients
-            backend.backward_rows(logits, labels[rows], coef, ent_coef, state, logits, spec)
+            backend.backward_rows(logits, labels[rows], coef, ent_coef, state, logits, spec, vocab_start)
             grads.add(rows, logits[0])
 
 
@@ -201,7 +217,8 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                              epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", temperature=1.0,
                              entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
                              token_count=None, seq_count=None, chunk_size=None, accum_dtype=torch.float32,
-                             return_stats=False, backend="auto"):
+                             return_stats=False, backend="auto", process_group=None, vocab_start_index=None,
+                             all_reduce_grad_hidden=False):
     """``loss`` (a name in registry.LOSSES) of ``hidden @ weight.T (+ bias)`` without the N×V logits.
 
     hidden: (..., H); weight: (V, H); bias: (V,) or None, floating, on one device (mixed dtypes: the
@@ -209,6 +226,16 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
     and options as for the matching logits-level loss (``lco_loss``, ...). chunk_size: tokens per
     chunk (default ``default_chunk_size``). accum_dtype: grad_weight / grad_bias accumulation dtype
     across chunks.
+
+    process_group: ``weight`` (and ``bias``) are this rank's rows [vocab_start_index,
+    vocab_start_index + V_r) of a vocabulary-parallel LM head and ``hidden`` is the same on every rank
+    (README "Tensor parallel"); one all-gather per chunk of tokens, and grad_weight is this rank's
+    rows. Each rank's grad_hidden is then its rows' share, a partial sum over the group, as
+    Megatron's ColumnParallelLinear leaves it for the all-reduce in the backward of
+    copy_to_tensor_model_parallel_region; ``all_reduce_grad_hidden=True`` all-reduces it here
+    instead, for hidden states that pass through no such region. A given chunk_size must be the
+    same on every rank; without one the ranks agree on the smallest default (one all-reduce of an
+    int, a host synchronisation on GPUs: pass chunk_size to avoid it).
     """
     spec = loss_spec(loss, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
@@ -217,11 +244,18 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                   max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
                   seq_count=seq_count, device=getattr(hidden, "device", None))
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
+    if not isinstance(all_reduce_grad_hidden, bool):
+        raise TypeError(f"all_reduce_grad_hidden must be a bool, got {type(all_reduce_grad_hidden).__name__}")
+    if all_reduce_grad_hidden and process_group is None:
+        raise ValueError("all_reduce_grad_hidden is only meaningful with process_group")
+    tp = tensor_parallel.resolve_shard(process_group, vocab_start_index, weight.shape[0])
+    # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
     tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs,
                             ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                             token_count=token_count, seq_count=seq_count)
     out, _, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
-                           return_stats, return_entropy=False)
+                           return_stats, return_entropy=False,
+                           tp=None if tp is None else tp + (all_reduce_grad_hidden,))
     if return_stats:
         return out, TokenStats.from_rows(stats, labels.shape, spec)
     return out
@@ -250,16 +284,18 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
 
 
 def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,
-           return_entropy):
+           return_entropy, tp=None):
     dtype = product_dtype(hidden, weight, bias)
     # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device
     impl = resolve_backend(backend, hidden.new_empty(0, dtype=dtype))
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens.labels.numel(), hidden.shape[-1], weight.shape[0],
                                         torch.finfo(dtype).bits // 8)
+        if tp is not None:  # uneven shards may choose differently: every rank must run the same chunks
+            chunk_size = tensor_parallel.agree_on_min(chunk_size, tp[0], hidden.device)
     return FusedLinearPolicyLoss.apply(hidden, weight, bias, tokens.labels, tokens.advantages, tokens.old_logprobs,
                                        tokens.ref_logprobs, tokens.weights, spec, int(ignore_index), int(chunk_size),
-                                       accum_dtype, impl, with_stats, return_entropy)
+                                       accum_dtype, impl, with_stats, return_entropy, tp)
 
 
 def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_pos=RHO_POS, rho_neg=RHO_NEG,
