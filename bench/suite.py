@@ -29,15 +29,28 @@ def _inputs(n, vocab, dtype, device):
     return logits, labels, adv
 
 
+def _times(one, device, repeats):
+    """Seconds per call of ``one`` (already warmed up): triton's do_bench on CUDA, else ``repeats``
+    wall-clock timings."""
+    if device == "cuda":
+        import triton.testing
+        return [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_case(variant, n, vocab, dtype, device, repeats):
     """Times (seconds) of forward + backward; the first call (warm-up, compilation) is not timed.
     On CUDA also the peak memory of one more call beyond its inputs (torch.cuda.max_memory_allocated)."""
     fn = make(variant, "triton" if device == "cuda" else "torch")
     logits, labels, adv = _inputs(n, vocab, dtype, device)
+    step(fn, logits, labels, adv)
+    times = _times(lambda: step(fn, logits, labels, adv), device, repeats)
     if device == "cuda":
-        import triton.testing
-        step(fn, logits, labels, adv)
-        ms = triton.testing.do_bench(lambda: step(fn, logits, labels, adv), return_mode="all")
         logits.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -45,13 +58,7 @@ def time_case(variant, n, vocab, dtype, device, repeats):
         step(fn, logits, labels, adv)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return [t / 1e3 for t in ms], {"peak_bytes": peak, "extra_bytes": peak - base}
-    step(fn, logits, labels, adv)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step(fn, logits, labels, adv)
-        times.append(time.perf_counter() - t0)
+        return times, {"peak_bytes": peak, "extra_bytes": peak - base}
     return times, None
 
 
@@ -109,15 +116,7 @@ def _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats):
         h.grad = w.grad = None
         fn(h, w, labels, adv).backward()
     one()
-    if device == "cuda":
-        import triton.testing
-        return [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t0)
-    return times
+    return _times(one, device, repeats)
 
 
 def run_linear(cases, device, repeats):
@@ -168,15 +167,7 @@ def _time_compiled_step(variant, n, hidden_size, vocab, device, repeats):
         model.zero_grad(set_to_none=True)
         forward(tokens, labels, adv).backward()
     one()  # compiles
-    if device == "cuda":
-        import triton.testing
-        return [t / 1e3 for t in triton.testing.do_bench(one, return_mode="all")]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t0)
-    return times
+    return _times(one, device, repeats)
 
 
 def run_compiled_steps(cases, device, repeats):
