@@ -116,18 +116,26 @@ def tp_table(r):
 
 
 def static_table(rows):
-    """Per kernel / head / stats: the worst registers and spills over dtypes, block sizes and targets."""
+    """Per kernel / head / stats / variant: the worst registers and spills over dtypes, block sizes and
+    targets. Variant: the entropy-gradient backward or entropy-term forward, the vocabulary-parallel
+    sweep-only / head-only modes, fp64 hyperparameters."""
+    from lco_kernels.triton_backend import HEAD, SWEEP
+    modes = {SWEEP: "sweep only", HEAD: "head only (no logits read)"}
     groups = collections.OrderedDict()
     for r in rows:
-        groups.setdefault((r["kernel"].replace("_policy_", "").replace("_kernel", ""), r["head"] or "–",
-                           r["stats"]), []).append(r)
-    lines = ["| kernel | head | stats | configurations | max registers | spill instructions | stack | max shared B "
-             "| 128-bit loads when aligned |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (kernel, head, stats), rs in groups.items():
+        variant = ", ".join(v for v in (modes.get(r.get("mode")), "entropy" if r.get("entropy") else None,
+                                        "fp64 scalars" if r.get("scalars") == "fp64" else None) if v) or "–"
+        groups.setdefault((r["kernel"].replace("_kernel", "").lstrip("_"), r["head"] or "–", r["stats"], variant),
+                          []).append(r)
+    lines = ["| kernel | head | stats | variant | configurations | max registers | spill instructions | stack "
+             "| max shared B | 128-bit loads when aligned |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, head, stats, variant), rs in groups.items():
         aligned = [r for r in rs if r["aligned"]]
         vec = "all" if aligned and all(r["ldg128"] > 0 for r in aligned) else "no"
-        lines.append(f"| {kernel} | {head} | {stats} | {len(rs)} | {max(r['registers'] for r in rs)} | "
+        if variant.startswith("head only"):
+            vec = "–"
+        lines.append(f"| {kernel} | {head} | {stats} | {variant} | {len(rs)} | {max(r['registers'] for r in rs)} | "
                      f"{sum(r['spill_instructions'] for r in rs)} | {max(r['stack'] for r in rs)} | "
                      f"{max(r['shared'] for r in rs)} | {vec} |")
     return "\n".join(lines)
