@@ -29,7 +29,7 @@ def _inputs(n, vocab, dtype, device):
     return logits, labels, adv
 
 
-def time_calls(one, device, repeats):
+def _times(one, device, repeats):
     """Seconds per call of ``one`` (already warmed up): triton's do_bench on CUDA, else ``repeats``
     wall-clock timings."""
     if device == "cuda":
@@ -49,7 +49,7 @@ def time_case(variant, n, vocab, dtype, device, repeats):
     fn = make(variant, "triton" if device == "cuda" else "torch")
     logits, labels, adv = _inputs(n, vocab, dtype, device)
     step(fn, logits, labels, adv)
-    times = time_calls(lambda: step(fn, logits, labels, adv), device, repeats)
+    times = _times(lambda: step(fn, logits, labels, adv), device, repeats)
     if device == "cuda":
         logits.grad = None
         torch.cuda.synchronize()
@@ -116,7 +116,7 @@ def _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats):
         h.grad = w.grad = None
         fn(h, w, labels, adv).backward()
     one()
-    return time_calls(one, device, repeats)
+    return _times(one, device, repeats)
 
 
 def run_linear(cases, device, repeats):
@@ -167,7 +167,7 @@ def _time_compiled_step(variant, n, hidden_size, vocab, device, repeats):
         model.zero_grad(set_to_none=True)
         forward(tokens, labels, adv).backward()
     one()  # compiles
-    return time_calls(one, device, repeats)
+    return _times(one, device, repeats)
 
 
 def run_compiled_steps(cases, device, repeats):

@@ -13,12 +13,11 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from bench.suite import time_calls
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
                "reduce_scatter", "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "reduce")
@@ -42,7 +41,12 @@ def _count_collectives(log):
 
 def _times(step, repeats):
     step()  # warm-up
-    return time_calls(step, "cpu", repeats)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def _rank(rank, world, n, vocab, repeats, init_method, out_path):
