@@ -143,25 +143,34 @@ def run_linear(cases, device, repeats):
 
 def compiled_step_cases(quick, device):
     """A ``torch.compile(fullgraph=True)`` model step (embedding → linear → loss, forward + backward) with
-    our loss vs with the plain PyTorch LCO: (variant, N, H, V), float32."""
+    our loss, with our fused linear + loss (no logits), and with the plain PyTorch LCO: (variant, N, H, V),
+    float32."""
     if device == "cuda":
         shape = (4096, 1024, 151936) if quick else (16384, 2048, 151936)
     else:
         shape = (256, 256, 32000) if quick else (1024, 512, 32000)
-    return [(v,) + shape for v in ("compiled-ours", "compiled-plain")]
+    return [(v,) + shape for v in ("compiled-ours", "compiled-ours-fused-linear", "compiled-plain")]
 
 
 def _time_compiled_step(variant, n, hidden_size, vocab, device, repeats):
     from bench.variants import plain_lco
-    from lco_kernels import lco_loss
+    from lco_kernels import fused_linear_lco_loss, lco_loss
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(vocab, hidden_size), torch.nn.Linear(hidden_size, vocab)).to(device)
     tokens = torch.randint(0, vocab, (n,), device=device)
     labels = torch.randint(0, vocab, (n,), device=device)  # none ignored: plain_lco's mean is over all tokens
     adv = torch.randn(n, device=device)
     backend = "triton" if device == "cuda" else "torch"
-    loss_fn = (lambda z, l, a: lco_loss(z, l, a, backend=backend)) if variant == "compiled-ours" else plain_lco
-    forward = torch.compile(lambda t, l, a: loss_fn(model(t), l, a), fullgraph=True, dynamic=False)
+    embed, head = model
+    if variant == "compiled-ours-fused-linear":
+        def step(t, l, a):
+            return fused_linear_lco_loss(embed(t), head.weight, l, a, bias=head.bias, backend=backend)
+    else:
+        loss_fn = (lambda z, l, a: lco_loss(z, l, a, backend=backend)) if variant == "compiled-ours" else plain_lco
+
+        def step(t, l, a):
+            return loss_fn(model(t), l, a)
+    forward = torch.compile(step, fullgraph=True, dynamic=False)
 
     def one():
         model.zero_grad(set_to_none=True)

@@ -16,17 +16,16 @@ def triton_runs_on_cpu() -> bool:
     return isinstance(triton_backend._forward_kernel, InterpretedFunction)
 
 
-def resolve_backend(backend, tensor):
-    """The backend module for ``backend`` ("auto" | "triton" | "torch") and the logits' (or hidden
-    states') device and dtype."""
-    triton_ok = tensor.is_cuda or (tensor.device.type == "cpu" and triton_runs_on_cpu())
+def resolve_backend(backend, device, dtype):
+    """The backend module for ``backend`` ("auto" | "triton" | "torch") and logits of this device and dtype."""
+    triton_ok = device.type == "cuda" or (device.type == "cpu" and triton_runs_on_cpu())
     if backend == "auto":
-        backend = "triton" if triton_ok and tensor.dtype in TRITON_DTYPES else "torch"
+        backend = "triton" if triton_ok and dtype in TRITON_DTYPES else "torch"
     if backend == "torch":
         return torch_backend
-    check_backend_dtype(backend, tensor.dtype)
+    check_backend_dtype(backend, dtype)
     if not triton_ok:
-        raise ValueError(f"backend='triton' needs CUDA tensors (the inputs are on {tensor.device}), or "
+        raise ValueError(f"backend='triton' needs CUDA tensors (the inputs are on {device}), or "
                          "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
     return triton_backend
 

@@ -65,7 +65,7 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
     check_logits_labels(logits, labels)
     if mesh is None:
         tp = tensor_parallel.resolve_shard(process_group, vocab_start_index, logits.shape[-1])
-    impl = resolve_backend(backend, logits)
+    impl = resolve_backend(backend, logits.device, logits.dtype)
     if inplace_backward:
         check_no_self_overlap(ops.as_rows3d(logits))
     tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,

@@ -22,17 +22,23 @@ every gradient is returned in its input's dtype.
 Peak extra memory: one chunk of logits (chunk_size × V) + grad_hidden (N × H) + the fp32 grad_weight
 accumulator (V × H) + O(N), independent of N × V (+ the cast copy of ``weight`` or ``hidden`` when
 their dtypes differ).
+
+One process: the work is the custom ops ``lco_kernels::fused_linear_forward`` / ``fused_linear_backward``
+(as ops.py's, so torch.compile sees one node each, with shapes from ``register_fake``). A vocabulary
+shard (``process_group``): the same ``_forward`` / ``_backward`` inside ``ShardedFusedLinear``, a
+``torch.autograd.Function``, since a ProcessGroup cannot pass through an op schema.
 """
 import math
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import tensor_parallel
+from . import ops, tensor_parallel
 from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_labels_in_range, check_linear, check_options
-from .autograd import reduce_rows, refuse_double_backward, row_coefficients
+from .autograd import refuse_double_backward, row_coefficients
 from .registry import EPSILON, RHO_NEG, RHO_POS
-from .stats import ROW_STATE, STAT_ROWS, TokenStats
+from .stats import ROW, ROW_STATE, STAT_ROWS, TokenStats
 
 # Default logits chunk: as many elements as the larger of ``hidden`` and a quarter of ``weight``,
 # between 1 MiB and 256 MiB. Memory stays O(N·H + V·H); and since each chunk adds its V×H weight
@@ -50,100 +56,233 @@ def default_chunk_size(n_tokens, hidden_size, vocab, element_bytes):
     return max(1, min(rows, n_tokens))
 
 
-class FusedLinearPolicyLoss(torch.autograd.Function):
+def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
+             chunk_size, accum_dtype, impl, with_stats, need_entropy, with_grads, tp):
+    """The forward's work, shared by the op (one process) and ``ShardedFusedLinear``.
+
+    Returns (row state (N, len(ROW_STATE)), statistics (N, len(STAT_ROWS)) or None, gradients or None):
+    with ``with_grads`` the chunks' logits are turned into their gradient as they go, for an upstream
+    gradient of 1 on the loss reduced with ``weights``, and (grad_hidden, grad_weight, grad_bias) come
+    back in the inputs' dtypes. ``tp`` = (process group, first row of this rank's vocabulary) or None.
+    """
+    dtype = product_dtype(hidden, weight, bias)  # autocast's rule: the products in the lower precision
+    x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    weight_p = weight.to(dtype)
+    bias_p = None if bias is None else bias.to(dtype)
+    n = x.shape[0]
+    entropy_grad = spec.has_entropy_term or need_entropy
+    rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
+    stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
+    grads = _Grads(x, weight_p, bias_p, accum_dtype) if with_grads else None
+
+    def forward_chunk(rows, logits):
+        per_token = (advantages[rows], None if old_logprobs is None else old_logprobs[rows],
+                     None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
+                     entropy_grad or with_stats, with_stats)
+        if tp is None:
+            state, chunk_stats = impl.forward_rows(logits, labels[rows], *per_token)
+        else:  # one all-gather of the chunk's partials
+            state, chunk_stats = tensor_parallel.forward_rows(impl, tp, logits, labels[rows], *per_token)
+        rows_state[rows] = state
+        if with_stats:
+            stats[rows] = chunk_stats
+        if with_grads:  # the upstream gradient will be one scalar: form the gradients now with upstream 1
+            return row_coefficients(spec, state, weights[rows], torch.ones((), device=x.device), None,
+                                    entropy_grad) + (state,)
+        return None
+
+    _chunk_loop(x, weight_p, bias_p, labels, chunk_size, impl, spec, 0 if tp is None else tp[1], grads,
+                forward_chunk)
+    if not (entropy_grad or with_stats):
+        rows_state[:, ROW["ent_mask"]:] = 0  # left unwritten by the sweeps; an op's outputs must be well defined
+    return rows_state, stats, None if grads is None else grads.finish(*_dtypes(hidden, weight, bias))
+
+
+def _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype, impl, spec,
+              vocab_start):
+    """(grad_hidden (N, H), grad_weight, grad_bias or None) from per-token ``coef`` (and ``ent_coef``):
+    each chunk's logits are projected again and turned into their gradient."""
+    dtype = product_dtype(hidden, weight, bias)
+    x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    weight_p = weight.to(dtype)
+    bias_p = None if bias is None else bias.to(dtype)
+    grads = _Grads(x, weight_p, bias_p, accum_dtype)
+
+    def backward_chunk(rows, logits):
+        return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
+
+    _chunk_loop(x, weight_p, bias_p, labels, chunk_size, impl, spec, vocab_start, grads, backward_chunk)
+    return grads.finish(*_dtypes(hidden, weight, bias))
+
+
+def _dtypes(hidden, weight, bias):
+    return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+
+
+def _outputs(rows_state, weights, need_entropy):
+    """(loss, entropy): the loss reduced with ``weights`` (0-dim), or per token (N,) when they are None;
+    the per-token entropy with ``need_entropy``, else empty."""
+    loss = rows_state[:, ROW["loss"]]
+    loss = loss.clone() if weights is None else (loss * weights).sum()
+    entropy = rows_state[:, ROW["entropy"]].clone() if need_entropy else rows_state.new_empty(0)
+    return loss, entropy
+
+
+# ---- one process: custom ops (torch.compile sees one node with a shape function and a gradient) ----
+
+def _fused_forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, ignore_index,
+                   chunk_size, accum_dtype, with_stats, need_entropy, with_grads, backend, *spec_fields):
+    """(loss, entropy, row state, stats, grad_hidden, grad_weight, grad_bias); the last four are empty
+    when not formed (see ``_forward``; ``with_grads`` needs ``weights``)."""
+    check_labels_in_range(labels, weight.shape[0], ignore_index)  # CPU tensors only (ops.py)
+    rows_state, stats, grads = _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights,
+                                        ops.spec_from_args(spec_fields), ignore_index, chunk_size, accum_dtype,
+                                        ops.IMPLS[backend], with_stats, need_entropy, with_grads, None)
+    grad_hidden, grad_weight, grad_bias = (None,) * 3 if grads is None else grads
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.view(hidden.shape)
+    empty = rows_state.new_empty(0)
+    return _outputs(rows_state, weights, need_entropy) + (rows_state,) + tuple(
+        empty.clone() if t is None else t for t in (stats, grad_hidden, grad_weight, grad_bias))
+
+
+def _fused_forward_fake(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, ignore_index,
+                        chunk_size, accum_dtype, with_stats, need_entropy, with_grads, *_):
+    n = labels.numel()
+
+    def new(present, shape, dtype=torch.float32):
+        return hidden.new_empty(shape if present else (0,), dtype=dtype if present else torch.float32)
+    return (new(True, () if weights is not None else (n,)), new(need_entropy, (n,)),
+            new(True, (n, len(ROW_STATE))), new(with_stats, (n, len(STAT_ROWS))),
+            new(with_grads, hidden.shape, hidden.dtype), new(with_grads, weight.shape, weight.dtype),
+            new(with_grads and bias is not None, weight.shape[:1], None if bias is None else bias.dtype))
+
+
+fused_linear_forward = ops.define(
+    "fused_linear_forward",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor advantages, Tensor? old_logprobs, "
+    "Tensor? ref_logprobs, Tensor? weights, int ignore_index, int chunk_size, ScalarType accum_dtype, "
+    f"bool with_stats, bool need_entropy, bool with_grads, str backend, {ops.SPEC_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fused_forward, _fused_forward_fake)
+
+
+def _fused_backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype, backend,
+                    *spec_fields):
+    """(grad_hidden, grad_weight, grad_bias or empty) in the inputs' shapes and dtypes."""
+    grad_hidden, grad_weight, grad_bias = _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef,
+                                                    chunk_size, accum_dtype, ops.IMPLS[backend],
+                                                    ops.spec_from_args(spec_fields), 0)
+    return grad_hidden.view(hidden.shape), grad_weight, hidden.new_empty(0) if grad_bias is None else grad_bias
+
+
+def _fused_backward_fake(hidden, weight, bias, *_):
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
+            hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+
+
+fused_linear_backward = ops.define(
+    "fused_linear_backward",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor rows_state, Tensor coef, Tensor? ent_coef, "
+    f"int chunk_size, ScalarType accum_dtype, str backend, {ops.SPEC_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+    _fused_backward, _fused_backward_fake)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels = inputs[:4]
+    weights = inputs[7]
+    ctx.chunk_size, ctx.accum_dtype, _, ctx.need_entropy, ctx.with_grads, ctx.backend = inputs[9:15]
+    ctx.spec = inputs[15:]
+    ctx.has_bias = bias is not None
+    ctx.gradients_returned = False
+    ctx.mark_non_differentiable(*output[2:] if ctx.need_entropy else (output[1],) + output[2:])
+    ctx.set_materialize_grads(False)  # else autograd allocates zero gradients for them (V×H for grad_weight)
+    if ctx.with_grads:
+        ctx.save_for_backward(*output[4:])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, output[2], weights)
+
+
+def _fused_gradient(ctx, grad_loss, grad_entropy, *_):
+    refuse_double_backward()
+    if ctx.with_grads:
+        grads = _scale_formed_gradients(ctx, grad_loss)
+    else:
+        hidden, weight, bias, labels, rows_state, weights = ctx.saved_tensors
+        spec = ops.spec_from_args(ctx.spec)
+        if grad_loss is None:  # only the entropy output was used
+            grad_loss = torch.zeros_like(rows_state[:, ROW["loss"]])
+        coef, ent_coef = row_coefficients(spec, rows_state, weights, grad_loss, grad_entropy,
+                                          spec.has_entropy_term or ctx.need_entropy)
+        grads = fused_linear_backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, ctx.chunk_size,
+                                      ctx.accum_dtype, ctx.backend, *ctx.spec)
+    return grads[:2] + (grads[2] if ctx.has_bias else None,) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def _scale_formed_gradients(ctx, grad_loss):
+    """The gradients the forward formed for an upstream gradient of 1, times the actual one (a scalar:
+    exact). Eager: in place (no second V×H buffer), so only once. Traced by AOT autograd (functional
+    tensors): out of place, since a functional graph must not rewrite the forward's outputs; the
+    compiler plans that memory."""
+    if ctx.gradients_returned:
+        raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "
+                           "out by the first backward; this graph cannot be differentiated again")
+    ctx.gradients_returned = True
+    grads = ctx.saved_tensors
+    if any(isinstance(g, FunctionalTensor) for g in grads):
+        return tuple(None if g is None else g * grad_loss for g in grads)
+    return tuple(None if g is None else g.mul_(grad_loss) for g in grads)
+
+
+fused_linear_forward.register_autograd(_fused_gradient, setup_context=_fused_setup_context)
+
+
+# ---- a vocabulary shard: a ProcessGroup cannot pass through an op schema ----
+
+class ShardedFusedLinear(torch.autograd.Function):
+    """The fused-linear loss on one rank's rows of a vocabulary-parallel LM head; outputs and gradients
+    as ``fused_linear_forward``'s. ``tp`` = (process group, first row, all_reduce_grad_hidden)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
-                ignore_index, chunk_size, accum_dtype, backend, with_stats, return_entropy, tp):
-        # tp = (process group, first row of the vocabulary, all_reduce_grad_hidden): ``weight`` holds
-        # this rank's rows [v0, v0 + V_r) of the LM head (README "Tensor parallel")
-        H = hidden.shape[-1]
-        # autocast's rule: the products in the lower precision of hidden and weight
-        dtype = product_dtype(hidden, weight, bias)
-        x = hidden.reshape(-1, H).to(dtype)
-        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        n = x.shape[0]
-        labels = flat(labels, torch.int64)
-        if tp is None:  # a shard's labels are checked against every shard after the gather
-            check_labels_in_range(labels, weight.shape[0], ignore_index)
-        advantages, old_logprobs, ref_logprobs = (flat(t, torch.float32)
-                                                  for t in (advantages, old_logprobs, ref_logprobs))
-        entropy_grad = spec.has_entropy_term or return_entropy
-        rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
-        stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
-        # a scalar reduction and no per-token output: the upstream gradient will be one number
-        eager = any(ctx.needs_input_grad[:3]) and weights is not None and not return_entropy
-        grads = _Grads(x, weight, bias, accum_dtype) if eager else None
-
-        def forward_chunk(rows, logits):
-            per_token = (advantages[rows], None if old_logprobs is None else old_logprobs[rows],
-                         None if ref_logprobs is None else ref_logprobs[rows], spec, ignore_index,
-                         entropy_grad or with_stats, with_stats)
-            if tp is None:
-                state, chunk_stats = backend.forward_rows(logits, labels[rows], *per_token)
-            else:  # one all-gather of the chunk's partials
-                state, chunk_stats = tensor_parallel.forward_rows(backend, tp[:2], logits, labels[rows], *per_token)
-            rows_state[rows] = state
-            if with_stats:
-                stats[rows] = chunk_stats
-            if eager:  # the upstream gradient is one scalar: form the gradients now with upstream 1
-                return row_coefficients(spec, state, weights[rows], torch.ones((), device=x.device), None,
-                                        entropy_grad) + (state,)
-            return None
-
-        ctx.vocab_start = 0 if tp is None else tp[1]
-        ctx.reduce_group = tp[0] if tp is not None and tp[2] else None
-        _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, ctx.vocab_start, grads, forward_chunk)
-        ctx.hidden_shape = hidden.shape
-        ctx.has_bias = bias is not None
-        ctx.eager = eager
-        ctx.gradients_returned = False
-        ctx.backend = backend
-        ctx.spec = spec
-        ctx.chunk_size = chunk_size
-        ctx.accum_dtype = accum_dtype
-        ctx.entropy_grad = entropy_grad
-        if eager:
-            ctx.save_for_backward(*grads.finish(*ctx.input_dtypes))
+                ignore_index, chunk_size, accum_dtype, impl, with_stats, need_entropy, tp):
+        # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
+        with_grads = any(ctx.needs_input_grad[:3]) and weights is not None and not need_entropy
+        rows_state, stats, grads = _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs,
+                                            weights, spec, ignore_index, chunk_size, accum_dtype, impl, with_stats,
+                                            need_entropy, with_grads, tp[:2])
+        ctx.hidden_shape, ctx.has_bias, ctx.need_entropy = hidden.shape, bias is not None, need_entropy
+        ctx.spec, ctx.impl, ctx.chunk_size, ctx.accum_dtype, ctx.tp = spec, impl, chunk_size, accum_dtype, tp
+        ctx.with_grads, ctx.gradients_returned = with_grads, False
+        if with_grads:
+            ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(x, weight, bias, labels, rows_state, weights)
-        return reduce_rows(ctx, rows_state, weights, hidden.shape[:-1], stats, return_entropy)
+            ctx.save_for_backward(hidden, weight, bias, labels, rows_state, weights)
+        loss, entropy = _outputs(rows_state, weights, need_entropy)
+        stats = rows_state.new_empty(0) if stats is None else stats
+        ctx.mark_non_differentiable(*((stats,) if need_entropy else (stats, entropy)))
+        return loss, entropy, stats
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy, grad_stats):
         refuse_double_backward()
-        if ctx.eager:
-            if ctx.gradients_returned:
-                raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "
-                                   "out by the first backward; this graph cannot be differentiated again")
-            ctx.gradients_returned = True
-            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-            # one upstream scalar: scaling the finished gradients (in place: no second V×H buffer) is exact
-            grad_hidden.mul_(grad_loss)
-            grad_weight.mul_(grad_loss)
-            if ctx.has_bias:
-                grad_bias.mul_(grad_loss)
+        if ctx.with_grads:
+            grad_hidden, grad_weight, grad_bias = _scale_formed_gradients(ctx, grad_loss)
         else:
-            x, weight, bias, labels, rows_state, weights = ctx.saved_tensors
-            grads = _Grads(x, weight, bias, ctx.accum_dtype)
+            hidden, weight, bias, labels, rows_state, weights = ctx.saved_tensors
             coef, ent_coef = row_coefficients(ctx.spec, rows_state, weights, grad_loss, grad_entropy,
-                                              ctx.entropy_grad)
-
-            def backward_chunk(rows, logits):
-                return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
-
-            _chunk_loop(x, weight, bias, labels, ctx.chunk_size, ctx.backend, ctx.spec, ctx.vocab_start, grads,
-                        backward_chunk)
-            grad_hidden, grad_weight, grad_bias = grads.finish(*ctx.input_dtypes)
-        if ctx.reduce_group is not None:
+                                              ctx.spec.has_entropy_term or ctx.need_entropy)
+            grad_hidden, grad_weight, grad_bias = _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef,
+                                                            ctx.chunk_size, ctx.accum_dtype, ctx.impl, ctx.spec,
+                                                            ctx.tp[1])
+        group, _, all_reduce_grad_hidden = ctx.tp
+        if all_reduce_grad_hidden:
             # each rank's grad_hidden covers its vocabulary rows only: the gradient of the replicated
             # hidden states is the sum over the group (what Megatron's copy_to_tensor_model_parallel_region
             # does in its backward when all_reduce_grad_hidden is left False)
-            torch.distributed.all_reduce(grad_hidden, group=ctx.reduce_group)
-        n_others = FusedLinearPolicyLoss.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
-        grads = (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None)
-        return grads + (None,) * n_others
+            torch.distributed.all_reduce(grad_hidden, group=group)
+        n_others = ShardedFusedLinear.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
+        return (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None) + (None,) * n_others
 
 
 def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, vocab_start, grads, per_chunk):
@@ -254,7 +393,7 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
                             ignore_index=ignore_index, reduction=reduction, loss_mask=loss_mask, max_length=max_length,
                             token_count=token_count, seq_count=seq_count)
     out, _, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
-                           return_stats, return_entropy=False,
+                           return_stats, need_entropy=False,
                            tp=None if tp is None else tp + (all_reduce_grad_hidden,))
     if return_stats:
         return out, TokenStats.from_rows(stats, labels.shape, spec)
@@ -284,18 +423,33 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
 
 
 def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,
-           return_entropy, tp=None):
+           need_entropy, tp=None):
+    """(loss, entropy, stats) through the op, or ``ShardedFusedLinear`` for a vocabulary shard."""
     dtype = product_dtype(hidden, weight, bias)
     # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device
-    impl = resolve_backend(backend, hidden.new_empty(0, dtype=dtype))
+    impl = resolve_backend(backend, hidden.device, dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens.labels.numel(), hidden.shape[-1], weight.shape[0],
                                         torch.finfo(dtype).bits // 8)
         if tp is not None:  # uneven shards may choose differently: every rank must run the same chunks
             chunk_size = tensor_parallel.agree_on_min(chunk_size, tp[0], hidden.device)
-    return FusedLinearPolicyLoss.apply(hidden, weight, bias, tokens.labels, tokens.advantages, tokens.old_logprobs,
-                                       tokens.ref_logprobs, tokens.weights, spec, int(ignore_index), int(chunk_size),
-                                       accum_dtype, impl, with_stats, return_entropy, tp)
+    labels = flat(tokens.labels, torch.int64)
+    per_token = tuple(flat(t, torch.float32) for t in (tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs))
+    if tp is not None:
+        loss, entropy, stats = ShardedFusedLinear.apply(hidden, weight, bias, labels, *per_token, tokens.weights, spec,
+                                                        int(ignore_index), int(chunk_size), accum_dtype, impl,
+                                                        with_stats, need_entropy, tp)
+    else:
+        # a scalar reduction and no per-token output: the upstream gradient will be one number, so the
+        # forward forms the gradients (three matmuls per chunk) and the backward only scales them
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        with_grads = needs_grad and tokens.weights is not None and not need_entropy
+        loss, entropy, _, stats, _, _, _ = fused_linear_forward(
+            hidden, weight, bias, labels, *per_token, tokens.weights, int(ignore_index), int(chunk_size), accum_dtype,
+            with_stats, need_entropy, with_grads, ops.backend_name(impl), *ops.spec_args(spec))
+    if tokens.weights is None:
+        loss = loss.view(tokens.labels.shape)
+    return loss, entropy.view(tokens.labels.shape) if need_entropy else entropy, stats
 
 
 def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_pos=RHO_POS, rho_neg=RHO_NEG,

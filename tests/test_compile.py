@@ -1,15 +1,14 @@
-"""torch.compile: the registered custom ops (lco_kernels/ops.py) pass opcheck; every public logits-level
-loss, token_logprobs, gspo_loss and lco_loss_from_logprobs trace without a graph break; a small model
-compiled with fullgraph=True trains as in eager; meta / fake tensors propagate shapes. Compilation is
-slow on CPU: tiny shapes, few steps, static shapes. (The fused-linear forms are still a
-torch.autograd.Function: not covered here yet.)"""
+"""torch.compile: the registered custom ops (lco_kernels/ops.py, lco_kernels/fused_linear.py) pass opcheck;
+every public loss (logits-level and fused-linear), token_logprobs, gspo_loss and lco_loss_from_logprobs
+trace without a graph break; a small model compiled with fullgraph=True trains as in eager; meta / fake
+tensors propagate shapes. Compilation is slow on CPU: tiny shapes, few steps, static shapes."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lco_kernels
 from helpers import BACKENDS
-from lco_kernels import ops
+from lco_kernels import fused_linear, ops
 from lco_kernels._plumbing import loss_spec
 from lco_kernels.stats import ROW
 
@@ -44,6 +43,27 @@ LOSSES = {
 }
 
 
+def _linear_inputs(shape=(2, 3), device="cpu"):
+    """(hidden, LM-head weight, bias, labels with one ignored, advantages, old and reference log-probs)."""
+    h, w, b = torch.randn(*shape, H), torch.randn(V, H), torch.randn(V)
+    _, y, a, o, r = _inputs(shape)
+    return tuple(t.to(device) for t in (h, w, b, y, a, o, r))
+
+
+# Every public fused-linear entry point, as LOSSES: name -> (call(hidden, weight, bias, labels, adv, old, ref,
+# **options), option sets).
+LINEAR_LOSSES = {
+    "policy(ppo)": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_policy_loss(
+        h, w, y, a, loss="ppo", bias=b, old_logprobs=o, ref_logprobs=r, beta=0.1, **kw), _RL),
+    "lco": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_lco_loss(h, w, y, a, bias=b, **kw), _RL),
+    "token_logprobs": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_token_logprobs(h, w, y, bias=b,
+                                                                                                 **kw),
+                       ({}, {"return_entropy": True, "temperature": 0.7})),
+    "gspo": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_gspo_loss(h, w, y, a[..., :1], o, bias=b,
+                                                                                  **kw), ({},)),
+}
+
+
 def _policy_forward_args(backend, device, loss, need_entropy, with_stats):
     z, y, a, o, r = _inputs(device=device)
     spec = loss_spec(loss, old_logprobs=o, ref_logprobs=r, beta=0.1, entropy_coef=0.01 if need_entropy else 0.0)
@@ -65,6 +85,37 @@ def _opcheck_cases(backend, device):
         (ops.policy_backward, (logits, labels, coef, ent_coef, rows, backend, *spec)),
         (ops.policy_backward, (logits, labels, coef, None, rows, backend, *spec)),
         (ops.policy_backward_, (logits.clone(), labels, coef, ent_coef, rows, backend, *spec)),
+    ] + _fused_linear_opcheck_cases(backend, device)
+
+
+def _fused_linear_forward_args(backend, device, loss, bias, reduced, need_entropy, with_stats):
+    h, w, b, y, a, o, r = _linear_inputs(device=device)
+    rl = loss != "sft"
+    spec = loss_spec(loss, old_logprobs=o if rl else None, ref_logprobs=r if rl else None, beta=0.1 if rl else 0.0,
+                     entropy_coef=0.01 if reduced else 0.0)
+    weights = torch.full((y.numel(),), 1 / y.numel(), device=device) if reduced else None
+    return (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True) if bias else None, y.reshape(-1),
+            a.reshape(-1), o.reshape(-1) if spec.has_old else None, r.reshape(-1) if spec.has_ref else None, weights,
+            -100, 4, torch.float32, with_stats, need_entropy, reduced, backend, *ops.spec_args(spec))
+
+
+def _fused_linear_opcheck_cases(backend, device):
+    # a scalar reduction (the forward forms the gradients, the backward scales them) and per-token outputs
+    # (the backward op projects each chunk again)
+    reduced = _fused_linear_forward_args(backend, device, "ppo", bias=True, reduced=True, need_entropy=False,
+                                         with_stats=True)
+    per_token = _fused_linear_forward_args(backend, device, "sft", bias=False, reduced=False, need_entropy=True,
+                                           with_stats=False)
+    with torch.no_grad():
+        rows = fused_linear.fused_linear_forward(*reduced)[2]
+    coef, ent_coef = rows[:, ROW["alpha"]] * -1.3, rows[:, ROW["ent_mask"]] * 0.7
+    h, w, b, y = (t.detach() for t in reduced[:4])
+    spec = reduced[15:]
+    return [
+        (fused_linear.fused_linear_forward, reduced),
+        (fused_linear.fused_linear_forward, per_token),
+        (fused_linear.fused_linear_backward, (h, w, b, y, rows, coef, ent_coef, 4, torch.float32, backend, *spec)),
+        (fused_linear.fused_linear_backward, (h, w, None, y, rows, coef, None, 4, torch.float32, backend, *spec)),
     ]
 
 
@@ -84,6 +135,18 @@ def test_no_graph_breaks(name, backend, device):
     inputs = _inputs(device=device)
     for kw in option_sets:
         explained = torch._dynamo.explain(lambda *t: fn(*t, backend=backend, **kw))(*inputs)
+        assert explained.graph_break_count == 0, (kw, explained.break_reasons)
+        assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LINEAR_LOSSES)
+def test_fused_linear_no_graph_breaks(name, backend, device):
+    fn, option_sets = LINEAR_LOSSES[name]
+    h, w, b, *rest = _linear_inputs(device=device)
+    inputs = (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), *rest)
+    for kw in option_sets:
+        explained = torch._dynamo.explain(lambda *t: fn(*t, chunk_size=4, backend=backend, **kw))(*inputs)
         assert explained.graph_break_count == 0, (kw, explained.break_reasons)
         assert explained.graph_count == 1
 
@@ -135,6 +198,52 @@ def test_fullgraph_token_logprobs_training_matches_eager(device):
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
     _assert_same_training(_train(step, device), _train(compiled, device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_fused_linear_training_matches_eager(backend, device):
+    """embedding → fused linear + LCO (the LM head's weight and bias, no logits), compiled whole. A scalar
+    reduction: the forward forms the gradients, the compiled backward scales them out of place."""
+    def step(emb, lin, tokens, labels, adv):
+        return lco_kernels.fused_linear_lco_loss(emb(tokens), lin.weight, labels, adv, bias=lin.bias,
+                                                 entropy_coef=0.01, chunk_size=3, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)  # Inductor
+    _assert_same_training(_train(step, device), _train(compiled, device))
+
+
+def test_fullgraph_fused_linear_token_logprobs_training_matches_eager(device):
+    """Per-token outputs of the fused-linear form: the backward op projects each chunk again."""
+    def step(emb, lin, tokens, labels, adv):
+        logprobs, entropy = lco_kernels.fused_linear_token_logprobs(emb(tokens), lin.weight, labels, bias=lin.bias,
+                                                                    return_entropy=True, chunk_size=3)
+        return -(adv * logprobs).mean() - 0.01 * entropy.mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    _assert_same_training(_train(step, device), _train(compiled, device))
+
+
+@pytest.mark.parametrize("name", LINEAR_LOSSES)
+def test_fused_linear_meta_and_fake_tensors(name):
+    fn, _ = LINEAR_LOSSES[name]
+    options = {"token_logprobs": [({}, (2, 3))], "gspo": [({}, ())]}.get(name, [({}, ()), ({"reduction": "none"}, (2, 3))])
+    for kw, shape in options:
+        h, w, b, y, a, o, r = (t.to("meta") for t in _linear_inputs())
+        for t in (h, w, b):
+            t.requires_grad_(True)
+        loss = fn(h, w, b, y, a, o, r, backend="torch", **kw)
+        assert loss.shape == shape and loss.device.type == "meta"
+        loss.sum().backward()
+        assert all(t.grad.shape == t.shape and t.grad.device.type == "meta" for t in (h, w, b))
+    with FakeTensorMode():  # mixed dtypes: every gradient comes back in its input's dtype
+        h, w, b, y, a, o, r = _linear_inputs()
+        h = h.to(torch.bfloat16).requires_grad_(True)
+        w.requires_grad_(True)
+        loss = fn(h, w, None, y, a, o, r, backend="torch")
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.sum().backward()
+        assert (h.grad.shape, h.grad.dtype, w.grad.shape, w.grad.dtype) == (h.shape, torch.bfloat16, w.shape,
+                                                                            torch.float32)
 
 
 @pytest.mark.parametrize("name", LOSSES)
