@@ -31,6 +31,14 @@ def _row_chunks(logits3d, rows_per_chunk):
             yield slice(seq * T + pos0, seq * T + pos1), logits3d[seq, pos0:pos1]
 
 
+def _scaled(view, inv_temp, out):
+    """``out`` = view / τ in the compute dtype, in one pass where the dtypes agree (out may be ``view``).
+    Otherwise cast first: a bf16 product would round z/τ to bf16."""
+    if view.dtype == out.dtype:
+        return torch.mul(view, inv_temp, out=out)
+    return out.copy_(view).mul_(inv_temp)
+
+
 def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
     B, T, V = logits3d.shape
@@ -44,8 +52,7 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
     for rows, view in _row_chunks(logits3d, step):
-        z = buf[: view.shape[0]]
-        z.copy_(view).mul_(inv_temp)  # in the compute dtype: a bf16 product would round z/τ to bf16
+        z = _scaled(view, inv_temp, buf[: view.shape[0]])
         here = owned[rows, None]
         part = partials[rows]
         part[:, PART["z_i"]] = torch.where(here, z.gather(1, idx[rows]), 0.0)[:, 0]
@@ -117,8 +124,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
-        g = out if direct else buf[: view.shape[0]]
-        g.copy_(view).mul_(inv_temp)
+        g = _scaled(view, inv_temp, out if direct else buf[: view.shape[0]])
         g.sub_(m[rows_, None]).sub_(log_s[rows_, None])            # log p̃
         here = owned[rows_, None]
         c = coef[rows_, None]
