@@ -40,11 +40,11 @@ def gspo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=3e-4, eps
     _check(logits, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
            ignore_index, reduction, max_length, token_count, seq_count, backend, return_stats)
     check_logits_labels(logits, labels)
-    labels = _masked(labels, loss_mask, ignore_index)
-    sweep = _token_sweep(logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend,
+    tokens = _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index)
+    sweep = _token_sweep(logits, tokens[0], temperature=temperature, ignore_index=ignore_index, backend=backend,
                          return_entropy=entropy_coef != 0, return_stats=return_stats)
-    return _gspo(*sweep, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type,
-                 entropy_coef, ignore_index, reduction, max_length, token_count, seq_count)
+    return _gspo(*sweep, *tokens, epsilon_low, epsilon_high, beta, kl_type, entropy_coef, ignore_index, reduction,
+                 max_length, token_count, seq_count)
 
 
 def fused_linear_gspo_loss(hidden, weight, labels, advantages, old_logprobs, *, bias=None, epsilon_low=3e-4,
@@ -56,16 +56,16 @@ def fused_linear_gspo_loss(hidden, weight, labels, advantages, old_logprobs, *, 
     _check(hidden, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
            ignore_index, reduction, max_length, token_count, seq_count, backend, return_stats)
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
-    labels = _masked(labels, loss_mask, ignore_index)
+    tokens = _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index)
     # fused_linear_token_logprobs' pass, with the SFT head's statistics as _token_sweep hands them out
     spec = loss_spec("sft", temperature=temperature)
-    tokens = prepare_tokens(spec, labels, None, None, None, ignore_index=ignore_index, reduction="none",
-                            loss_mask=None, max_length=None, token_count=None, seq_count=None)
-    neg_logprobs, entropy, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype,
+    rows = prepare_tokens(spec, tokens[0], None, None, None, ignore_index=ignore_index, reduction="none",
+                          loss_mask=None, max_length=None, token_count=None, seq_count=None)
+    neg_logprobs, entropy, stats = _apply(hidden, weight, bias, rows, spec, ignore_index, chunk_size, accum_dtype,
                                           backend, return_stats, entropy_coef != 0)
     stats = TokenStats.from_rows(stats, labels.shape, spec) if return_stats else None
-    return _gspo(-neg_logprobs, entropy, stats, labels, advantages, old_logprobs, ref_logprobs, epsilon_low,
-                 epsilon_high, beta, kl_type, entropy_coef, ignore_index, reduction, max_length, token_count, seq_count)
+    return _gspo(-neg_logprobs, entropy, stats, *tokens, epsilon_low, epsilon_high, beta, kl_type, entropy_coef,
+                 ignore_index, reduction, max_length, token_count, seq_count)
 
 
 def _check(inputs, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
@@ -82,18 +82,21 @@ def _check(inputs, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, 
         raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
 
 
-def _masked(labels, loss_mask, ignore_index):
-    """Tokens where ``loss_mask`` is 0 become ``ignore_index`` (as the fused losses fold it)."""
-    if loss_mask is None:
-        return labels
-    return labels.masked_fill(per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True) == 0,
-                              ignore_index)
+def _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index):
+    """(labels, advantages, old, ref) in labels' shape, checked before any sweep; tokens where ``loss_mask``
+    is 0 become ``ignore_index`` (as the fused losses fold it)."""
+    adv = per_token("advantages", advantages, labels)
+    old = per_token("old_logprobs", old_logprobs, labels, allow_number=False)
+    ref = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if beta > 0 else None
+    if loss_mask is not None:
+        mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    return labels, adv, old, ref
 
 
-def _gspo(logprobs, entropy, sweep_stats, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high,
-          beta, kl_type, entropy_coef, ignore_index, reduction, max_length, token_count, seq_count):
-    adv = per_token("advantages", advantages, labels).to(logprobs.dtype)
-    old = per_token("old_logprobs", old_logprobs, labels, allow_number=False).to(logprobs.dtype)
+def _gspo(logprobs, entropy, sweep_stats, labels, adv, old, ref, epsilon_low, epsilon_high, beta, kl_type,
+          entropy_coef, ignore_index, reduction, max_length, token_count, seq_count):
+    adv, old = adv.to(logprobs.dtype), old.to(logprobs.dtype)
     valid = labels != ignore_index
     mask = valid.to(logprobs.dtype)
     # log s = mean over the sequence's valid tokens of log p_t − log p_old,t (masked tokens may hold anything)
@@ -101,15 +104,14 @@ def _gspo(logprobs, entropy, sweep_stats, labels, advantages, old_logprobs, ref_
     log_seq_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).detach()
     # straight-through: the value is the sequence's ratio, the gradient that of log p_t
     s = torch.exp(torch.clamp(logprobs - logprobs.detach() + log_seq_ratio, max=10.0))
-    unclipped, clipped = -adv * s, -adv * torch.clamp(s, 1 - epsilon_low, 1 + epsilon_high)
-    per_token_loss = torch.maximum(unclipped, clipped)
+    pg_unclipped, pg_clipped = -adv * s, -adv * torch.clamp(s, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = torch.maximum(pg_unclipped, pg_clipped)
     # ∂(per-token loss)/∂log p_t for the statistics: −Ψ·s unless the clip or the clamp at 10 binds
-    was_clipped = clipped.detach() > unclipped.detach()
-    dloss = torch.where(was_clipped | (log_seq_ratio > 10.0), 0.0, -adv * s.detach())
+    clipped = pg_clipped.detach() > pg_unclipped.detach()
+    dloss = torch.where(clipped | (log_seq_ratio > 10.0), 0.0, -adv * s.detach())
     if beta > 0:
-        ref = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False).to(logprobs.dtype)
         # a harmless value where masked: a NaN there would reach the gradient through exp's backward (0·NaN)
-        kl, dkl = _kl_term(logprobs, torch.where(valid, ref, logprobs.detach()), KL_NAMES[kl_type])
+        kl, dkl = _kl_term(logprobs, torch.where(valid, ref.to(logprobs.dtype), logprobs.detach()), KL_NAMES[kl_type])
         per_token_loss = per_token_loss + beta * kl
         dloss = dloss + beta * dkl.detach()
     if entropy_coef != 0:
@@ -124,5 +126,5 @@ def _gspo(logprobs, entropy, sweep_stats, labels, advantages, old_logprobs, ref_
     norm = sweep_stats.logit_grad_norm  # ‖e_i − p‖/τ: the SFT head's gradient norm
     stats = TokenStats(logprobs=sweep_stats.logprobs, entropy=sweep_stats.entropy,
                        logit_grad_norm=torch.where(valid, dloss.abs().to(norm.dtype) * norm, 0.0),
-                       clipped=(valid & was_clipped).to(norm.dtype))
+                       clipped=(valid & clipped).to(norm.dtype))
     return loss, stats
