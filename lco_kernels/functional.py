@@ -87,11 +87,12 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
             int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
     if mesh is not None:
         loss, entropy = (tensor_parallel.wrap_replicated(x, mesh) for x in (loss, entropy))
+    extra = ()
     if return_entropy:
-        return loss, entropy.reshape(labels.shape)
+        extra += (entropy.reshape(labels.shape),)
     if return_stats:
-        return loss, TokenStats.from_rows(stats, labels.shape, spec)
-    return loss
+        extra += (TokenStats.from_rows(stats, labels.shape, spec),)
+    return (loss, *extra) if extra else loss
 
 
 def sft_loss(logits, labels, *, temperature=1.0, entropy_coef=0.0, ignore_index=-100, reduction="mean",
@@ -193,12 +194,28 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     log domain: exact for confident tokens, where log_softmax(z).gather(...) has lost 1 − p_i.
     Any loss written on these log-probs in PyTorch is fused and exact (README, "Your own loss").
     """
+    logprobs, entropy, _ = _token_sweep(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                        return_entropy=return_entropy, inplace_backward=inplace_backward,
+                                        backend=backend, process_group=process_group,
+                                        vocab_start_index=vocab_start_index)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _token_sweep(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, return_stats=False,
+                 inplace_backward=False, backend="auto", process_group=None, vocab_start_index=None):
+    """``token_logprobs``' one sweep as ``(logprobs, entropy or None, stats or None)``.
+
+    ``stats`` are the SFT head's (−log p_i), from the same sweep: besides log-probs and entropy, their
+    ``logit_grad_norm`` is ‖∂log p_i/∂z‖₂ = ‖e_i − p‖/τ, so a loss ℓ written on the log-probs has
+    ‖∂ℓ_t/∂z‖₂ = |∂ℓ_t/∂log p_t| times it (gspo.py).
+    """
     spec = loss_spec("sft", temperature=temperature)
     out = _fused(spec, logits, labels, ignore_index=ignore_index, reduction="none", loss_mask=None, max_length=None,
                  token_count=None, seq_count=None, inplace_backward=inplace_backward, backend=backend,
-                 return_stats=False, process_group=process_group, vocab_start_index=vocab_start_index,
+                 return_stats=return_stats, process_group=process_group, vocab_start_index=vocab_start_index,
                  return_entropy=return_entropy)
+    neg_logprobs, *extra = out if isinstance(out, tuple) else (out,)
+    entropy = extra.pop(0) if return_entropy else None
+    stats = extra.pop(0) if return_stats else None
     # the SFT head's loss is −log p_i, exactly (a negation rounds nothing)
-    if return_entropy:
-        return -out[0], out[1]
-    return -out
+    return -neg_logprobs, entropy, stats

@@ -37,9 +37,10 @@ def make(cls, tmp_path, cfg=None, **kwargs):
 
 
 @pytest.mark.parametrize("fused_linear", [False, True])
-@pytest.mark.parametrize("policy_loss", ["lco", "ppo", "pg", "cispo"])
+@pytest.mark.parametrize("policy_loss", ["lco", "ppo", "pg", "cispo", "gspo"])
 def test_trains_a_few_steps(tmp_path, policy_loss, fused_linear):
-    trainer = make(LCOGRPOTrainer, tmp_path, policy_loss=policy_loss, fused_linear=fused_linear)
+    cfg = config(tmp_path, importance_sampling_level="sequence") if policy_loss == "gspo" else None
+    trainer = make(LCOGRPOTrainer, tmp_path, cfg=cfg, policy_loss=policy_loss, fused_linear=fused_linear)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     steps = [log for log in trainer.state.log_history if "loss" in log]
@@ -51,7 +52,7 @@ def test_trains_a_few_steps(tmp_path, policy_loss, fused_linear):
         assert 0 < log["lco/token_prob"] < 1 and log["entropy"] > 0 and log["lco/logit_grad_norm"] > 0
         if policy_loss == "lco":
             assert 0 <= log["lco/clamped_frac"] <= 1 and 0 < log["lco/target_prob"] <= 1
-        if policy_loss in ("ppo", "cispo"):
+        if policy_loss in ("ppo", "cispo", "gspo"):
             assert log["clip_ratio/region_mean"] == 0.0  # on-policy: the ratio is exactly 1
     changed = [k for k, v in trainer.model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert "lm_head.weight" in changed and len(changed) == len(before)
@@ -93,6 +94,7 @@ def max_diff(g, h):
     return abs_diff, abs_diff / scale
 
 
+_GSPO = {"importance_sampling_level": "sequence", "num_iterations": 2, "epsilon": 3e-4, "epsilon_high": 4e-4}
 PARITY_CASES = {  # name: (policy_loss, GRPOConfig overrides, old-log-prob shift, reference shift)
     "dapo-default": ("ppo", {}, None, None),
     "dapo-offpolicy-kl-temperature": ("ppo", {"beta": 0.04, "use_bias_correction_kl": False, "temperature": 0.7,
@@ -104,15 +106,27 @@ PARITY_CASES = {  # name: (policy_loss, GRPOConfig overrides, old-log-prob shift
     "cispo": ("cispo", {"loss_type": "cispo", "epsilon_high": 1.2, "num_iterations": 2}, 0.3, None),
     "dapo-vllm-is-ratio": ("ppo", {"num_iterations": 2}, 0.3, None),
     "bnpo-entropy-bonus": ("ppo", {"loss_type": "bnpo", "entropy_coef": 0.05}, None, None),
+    # TRL's GSPO, importance_sampling_level="sequence", with the GSPO paper's clip range where off-policy (every
+    # sequence then lies outside it: some are clipped, the others keep their gradient)
+    "gspo-dapo-default": ("gspo", {"importance_sampling_level": "sequence"}, None, None),
+    "gspo-dapo-offpolicy-kl-temperature-entropy": ("gspo", dict(_GSPO, beta=0.04, use_bias_correction_kl=False,
+                                                                temperature=0.7, entropy_coef=0.05), 0.3, 0.5),
+    "gspo-grpo": ("gspo", dict(_GSPO, loss_type="grpo"), 0.3, None),
+    "gspo-bnpo": ("gspo", dict(_GSPO, loss_type="bnpo"), 0.3, None),
+    "gspo-dr_grpo": ("gspo", dict(_GSPO, loss_type="dr_grpo"), 0.3, None),
+    "gspo-luspo": ("gspo", dict(_GSPO, loss_type="luspo"), 0.3, None),
+    "gspo-dapo-vllm-is-ratio": ("gspo", _GSPO, 0.3, None),
 }
 
 
 # fused_linear=True shares the normaliser plumbing: a few cases suffice (the suite's time is counted).
 @pytest.mark.parametrize("case, fused_linear", [(case, False) for case in sorted(PARITY_CASES)] + [
-    (case, True) for case in ("dapo-default", "dapo-offpolicy-kl-temperature", "grpo", "cispo")])
+    (case, True) for case in ("dapo-default", "dapo-offpolicy-kl-temperature", "grpo", "cispo",
+                              "gspo-dapo-offpolicy-kl-temperature-entropy", "gspo-grpo")])
 def test_reproduces_stock_grpo_gradient(tmp_path, case, fused_linear):
     """On one captured batch, LCOGRPOTrainer(policy_loss="ppo") gives stock GRPOTrainer's loss and gradient
-    (TRL's formula for its loss_type), for every normaliser, off-policy, with KL and temperature."""
+    (TRL's formula for its loss_type), for every normaliser, off-policy, with KL and temperature; and
+    policy_loss="gspo" gives stock GRPOTrainer's with importance_sampling_level="sequence" (TRL's GSPO)."""
     policy_loss, overrides, old_shift, ref_shift = PARITY_CASES[case]
     overrides = dict(overrides, bf16=False)  # fp32 end to end: the comparison is exact up to fp32 rounding
     stock = make(GRPOTrainer, tmp_path, cfg=config(tmp_path, **overrides))
@@ -122,9 +136,9 @@ def test_reproduces_stock_grpo_gradient(tmp_path, case, fused_linear):
     for t in (stock, ours):
         t.model.train()  # from_pretrained leaves it in eval mode; TRL's training loop sets train mode
         t.current_gradient_accumulation_steps = 1
-        if case == "dapo-vllm-is-ratio":  # what vLLM generation with importance-sampling correction hands over
+        if case.endswith("vllm-is-ratio"):  # what vLLM generation with importance-sampling correction hands over
             t.use_vllm = t.vllm_importance_sampling_correction = True
-    if case == "dapo-vllm-is-ratio":
+    if case.endswith("vllm-is-ratio"):  # per token (TRL's "token_*" modes): for GSPO the harder case
         inputs["importance_sampling_ratio"] = torch.rand(inputs["completion_ids"].shape,
                                                          generator=torch.Generator().manual_seed(3)) + 0.5
     loss_stock, g_stock = grads(stock, inputs)
@@ -136,7 +150,7 @@ def test_reproduces_stock_grpo_gradient(tmp_path, case, fused_linear):
     assert rel_diff < 1e-5
     if old_shift is not None:  # the clip really engaged, and our statistics say so as TRL's do
         assert ours._metrics["train"]["clip_ratio/region_mean"][-1] > 0
-        if policy_loss == "ppo":
+        if policy_loss in ("ppo", "gspo"):
             assert ours._metrics["train"]["clip_ratio/region_mean"][-1] == pytest.approx(
                 stock._metrics["train"]["clip_ratio/region_mean"][-1], abs=1e-6)
 
@@ -174,6 +188,10 @@ def test_lco_matches_the_log_prob_form_on_trl_log_probs(tmp_path):
     ({"loss_type": "sapo"}, {}, "loss_type"),
     ({"loss_type": "cispo"}, {"policy_loss": "lco"}, "cispo"),
     ({"importance_sampling_level": "sequence", "loss_type": "grpo"}, {}, "importance_sampling_level"),
+    ({"importance_sampling_level": "sequence"}, {"policy_loss": "ppo"}, "importance_sampling_level"),
+    ({}, {"policy_loss": "gspo"}, "importance_sampling_level"),
+    ({"importance_sampling_level": "sequence", "loss_type": "cispo"}, {"policy_loss": "gspo"}, "cispo"),
+    ({"importance_sampling_level": "sequence", "beta": 0.04}, {"policy_loss": "gspo"}, "use_bias_correction_kl"),
     ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
     ({"loss_type": "grpo", "entropy_coef": 0.01}, {}, "entropy_coef"),
     ({"beta": 0.04}, {}, "use_bias_correction_kl"),

@@ -2,6 +2,7 @@
 
     python -m lco_kernels.integrations.demo                      # LCOGRPOTrainer, policy_loss="lco"
     python -m lco_kernels.integrations.demo --policy-loss ppo --fused-linear
+    python -m lco_kernels.integrations.demo --policy-loss gspo   # TRL's GSPO (importance_sampling_level="sequence")
     python -m lco_kernels.integrations.demo --compare-stock      # also stock GRPOTrainer: step times side by side
 
 Prints, per optimizer step, the loss, its gradient norm, the mean reward and the loss sweep's statistics
@@ -45,14 +46,15 @@ class _PrintSteps(TrainerCallback):
             print(" ".join(cells), flush=True)
 
 
-def run(trainer_cls, steps, seed, **trainer_kwargs):
-    """Train ``steps`` steps; returns (wall, CPU) seconds per step: TRL's logged step_time (its training_step:
-    generation, rewards, loss, backward) and the CPU time of the whole optimizer step."""
+def run(trainer_cls, steps, seed, config=None, **trainer_kwargs):
+    """Train ``steps`` steps (``config``: more GRPOConfig options); returns (wall, CPU) seconds per step: TRL's
+    logged step_time (its training_step: generation, rewards, loss, backward) and the CPU time of the whole
+    optimizer step."""
     printer = _PrintSteps()
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
                           max_steps=steps, learning_rate=3e-3, logging_steps=1, report_to="none", use_cpu=True,
-                          bf16=False, save_strategy="no", seed=seed, disable_tqdm=True)
+                          bf16=False, save_strategy="no", seed=seed, disable_tqdm=True, **(config or {}))
         trainer = trainer_cls(model=tiny_model(vocab_size=2048, seed=seed), reward_funcs=toy_reward, args=args,
                               train_dataset=prompt_dataset(n=64, vocab_size=2048),
                               processing_class=tiny_tokenizer(vocab_size=2048), callbacks=[printer],
@@ -74,11 +76,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     times = {}
+    # GSPO is TRL's sequence-level importance sampling: the stock trainer with the same config runs it too
+    config = {"importance_sampling_level": "sequence"} if args.policy_loss == "gspo" else {}
     if args.compare_stock:
-        print("stock trl.GRPOTrainer (loss_type='dapo')")
-        times["stock GRPOTrainer"] = run(GRPOTrainer, args.steps, args.seed)
+        print(f"stock trl.GRPOTrainer (loss_type='dapo'{', importance_sampling_level=sequence' if config else ''})")
+        times["stock GRPOTrainer"] = run(GRPOTrainer, args.steps, args.seed, config)
     print(f"LCOGRPOTrainer(policy_loss={args.policy_loss!r}, fused_linear={args.fused_linear})")
-    times["LCOGRPOTrainer"] = run(LCOGRPOTrainer, args.steps, args.seed, policy_loss=args.policy_loss,
+    times["LCOGRPOTrainer"] = run(LCOGRPOTrainer, args.steps, args.seed, config, policy_loss=args.policy_loss,
                                   fused_linear=args.fused_linear)
     if args.compare_stock:
         # The first step also warms up allocators and caches: the median of the others is the step time.

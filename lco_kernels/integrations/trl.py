@@ -6,12 +6,19 @@
 
 Everything else is TRL's: generation, rewards, advantages, old/reference log-probs, logging. The loss
 replaces ``GRPOTrainer._compute_loss``:
-- ``policy_loss`` picks the per-token formula ("lco", "ppo", "pg", "cispo"); GRPOConfig's ``loss_type``
-  picks only the normaliser, mapped onto the library's reductions with TRL's global counts
+- ``policy_loss`` picks the per-token formula ("lco", "ppo", "pg", "cispo", "gspo"); GRPOConfig's
+  ``loss_type`` picks only the normaliser, mapped onto the library's reductions with TRL's global counts
   (``token_count`` / ``seq_count``), so gradient accumulation gives TRL's gradients.
+- "gspo" is TRL's own GSPO, ``importance_sampling_level="sequence"`` (required with it, and refused with
+  the other formulas), computed by ``gspo_loss``: its token-level straight-through ratio has TRL's
+  sequence ratio as value and s·∇log p_t as gradient, so it reproduces TRL's loss and gradient whenever
+  the reduction weighs the tokens of a sequence alike, which every mapped ``loss_type`` does. One
+  difference is left: log s is clamped at 10 (verl's rule; TRL's is unclamped), which changes only
+  sequences whose mean log-ratio exceeds 10.
 - ``temperature``, ``epsilon``/``epsilon_high``, ``beta`` (k3 KL to ``ref_per_token_logps``),
   ``num_iterations`` > 1 (``old_per_token_logps``: PPO+LCO for "lco"), completion and tool masks, and
-  vLLM's importance-sampling ratio (a positive per-token weight, folded into the advantages) are honoured.
+  vLLM's importance-sampling ratio (a positive per-token weight, folded into the advantages; for "gspo"
+  its mean over each sequence's tokens, see ``_compute_loss``) are honoured.
 - ``fused_linear=True`` computes the loss from the last hidden states and the LM-head weight, never
   materialising the (B, T, V) logits.
 - Per-token statistics from the loss's own sweep go into TRL's metrics: ``entropy``, ``kl``,
@@ -19,6 +26,7 @@ replaces ``GRPOTrainer._compute_loss``:
   ``lco/logit_grad_norm``.
 Options this mapping cannot express exactly raise ``ValueError`` at construction.
 """
+import functools
 import types
 
 import torch
@@ -27,7 +35,7 @@ from trl import GRPOTrainer
 
 import lco_kernels
 
-POLICY_LOSSES = ("lco", "ppo", "pg", "cispo")
+POLICY_LOSSES = ("lco", "ppo", "pg", "cispo", "gspo")
 # TRL loss_type -> the library reduction; the normaliser is set per call (see _reduction).
 # "sapo" and "vespo" are loss formulas the library does not have.
 _LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "mean", "dr_grpo": "mean", "dapo": "mean",
@@ -38,7 +46,8 @@ class LCOGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the library's fused policy loss (see the module docstring).
 
     Args (beyond GRPOTrainer's):
-        policy_loss: "lco" (default), "ppo" (TRL's clipped surrogate), "pg" (REINFORCE) or "cispo".
+        policy_loss: "lco" (default), "ppo" (TRL's clipped surrogate), "pg" (REINFORCE), "cispo" or "gspo"
+            (TRL's GSPO: set importance_sampling_level="sequence" in GRPOConfig).
         rho_pos, rho_neg: LCO's target ratios (only with policy_loss="lco").
         fused_linear: compute the loss from hidden states and the LM-head weight, without the logits.
     """
@@ -63,10 +72,14 @@ class LCOGRPOTrainer(GRPOTrainer):
                           f"{self.loss_type!r} is a loss formula; choose the formula with policy_loss and the "
                           f"normaliser with loss_type in {sorted(_LOSS_TYPES)}"),
             "loss_type='cispo'": (self.loss_type == "cispo" and self.policy_loss != "cispo",
-                                  "TRL's 'cispo' is CISPO's formula: use policy_loss='cispo' (or loss_type='dapo' "
-                                  "for the same normaliser with another formula)"),
-            "importance_sampling_level": (self.importance_sampling_level != "token",
-                                          "only token-level importance sampling is supported"),
+                                  "TRL's 'cispo' is CISPO's formula (with importance_sampling_level='sequence', on "
+                                  "a sequence ratio, which no policy_loss computes): use policy_loss='cispo' with "
+                                  "token-level importance sampling, or loss_type='dapo' for the same normaliser "
+                                  "with another formula"),
+            "importance_sampling_level": (self.importance_sampling_level != self._importance_sampling_level(),
+                                          "'sequence' is TRL's GSPO: use it with policy_loss='gspo', which needs it "
+                                          "(so that stock GRPOTrainer with this GRPOConfig computes the same loss); "
+                                          "the other policy losses are token-level"),
             "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "not supported"),
             "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "not supported"),
             "delta": (args.delta is not None, "two-sided clipping is not supported"),
@@ -91,6 +104,9 @@ class LCOGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("LCOGRPOTrainer: MoE router losses are not supported (set router_aux_loss_coef=0)")
 
+    def _importance_sampling_level(self):
+        return "sequence" if self.policy_loss == "gspo" else "token"
+
     def _compute_loss(self, model, inputs):
         for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids"):
             if inputs.get(key) is not None:
@@ -109,7 +125,14 @@ class LCOGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             # A positive per-token weight w: every loss here is linear in Ψ's magnitude with Ψ's sign kept,
             # so w·loss(Ψ) = loss(w·Ψ) (TRL multiplies the policy term only, before the KL, as here).
-            advantages = advantages * inputs["importance_sampling_ratio"]
+            weight = inputs["importance_sampling_ratio"]
+            if self.policy_loss == "gspo":
+                # TRL's GSPO term of a sequence of L tokens is ℓ(s)·Σ_t c·w_t, c the reduction's weight of its
+                # tokens (the same for all of them under every mapped loss_type): per log p_t its gradient is
+                # c·(Σ_t w_t)·ℓ'(s)·s/L, where the straight-through form gives c·w_t·ℓ'(s)·s. With the
+                # sequence's mean weight in place of each w_t, value and gradient are TRL's.
+                weight = (weight * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            advantages = advantages * weight
 
         options = dict(temperature=self.temperature, return_stats=True, **self._reduction(inputs, mask, mode))
         if self.entropy_coef != 0.0:
@@ -127,15 +150,18 @@ class LCOGRPOTrainer(GRPOTrainer):
                 hidden = model(input_ids=input_ids, attention_mask=attention_mask, lco_hidden_states=True)
                 hidden = hidden[:, -n_keep - 1:-1]
                 head = self.accelerator.unwrap_model(model).get_output_embeddings()
-                if old is None and self.policy_loss in ("ppo", "cispo"):
+                if old is None and self.policy_loss in ("ppo", "cispo", "gspo"):
                     old = _detached_logprobs_linear(hidden, head, labels, self.temperature)
-                loss, stats = lco_kernels.fused_linear_policy_loss(
-                    hidden, head.weight, labels, advantages, loss=self.policy_loss, bias=head.bias,
-                    **self._policy_options(old), **options)
+                if self.policy_loss == "gspo":
+                    loss_fn = lco_kernels.fused_linear_gspo_loss
+                else:
+                    loss_fn = functools.partial(lco_kernels.fused_linear_policy_loss, loss=self.policy_loss)
+                loss, stats = loss_fn(hidden, head.weight, labels, advantages, bias=head.bias,
+                                      **self._policy_options(old), **options)
             else:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_keep + 1,
                                use_cache=False).logits[:, :-1]
-                if old is None and self.policy_loss in ("ppo", "cispo"):
+                if old is None and self.policy_loss in ("ppo", "cispo", "gspo"):
                     with torch.no_grad():
                         old = lco_kernels.token_logprobs(logits, labels, temperature=self.temperature)
                 loss_fn = getattr(lco_kernels, f"{self.policy_loss}_loss")
@@ -145,8 +171,8 @@ class LCOGRPOTrainer(GRPOTrainer):
         return loss
 
     def _policy_options(self, old):
-        """The formula's own options. ``old``: TRL's old log-probs, or for "ppo"/"cispo" on-policy (TRL then
-        skips computing them) the current ones detached, which makes the ratio exactly 1, as TRL's."""
+        """The formula's own options. ``old``: TRL's old log-probs, or for "ppo"/"cispo"/"gspo" on-policy (TRL
+        then skips computing them) the current ones detached, which makes the ratio exactly 1, as TRL's."""
         if self.policy_loss == "pg":
             return {}
         if self.policy_loss == "cispo":
@@ -154,7 +180,7 @@ class LCOGRPOTrainer(GRPOTrainer):
             cap = self.epsilon_high if self.loss_type == "cispo" else 1.0 + self.epsilon_high
             return {"old_logprobs": old, "epsilon_high": cap - 1.0}
         options = {"rho_pos": self.rho_pos, "rho_neg": self.rho_neg} if self.policy_loss == "lco" else {}
-        if old is not None:  # "lco": PPO+LCO's trust region
+        if old is not None:  # "lco": PPO+LCO's trust region; "ppo", "gspo": always
             options.update(old_logprobs=old, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
         return options
 
@@ -177,7 +203,8 @@ class LCOGRPOTrainer(GRPOTrainer):
         return {"reduction": "mean", "token_count": count}
 
     def _log_token_stats(self, mode, stats, mask, inputs):
-        """Masked means over all processes of the loss sweep's per-token statistics, into TRL's metrics."""
+        """Masked means over all processes of the loss sweep's per-token statistics, into TRL's metrics; for
+        "gspo" the clip ratio is over sequences, as TRL's sequence-level one (a sequence is clipped as a whole)."""
         mask = mask.float()
         logged = {"entropy": stats.entropy, "lco/token_prob": stats.logprobs.exp(),
                   "lco/logit_grad_norm": stats.logit_grad_norm}
@@ -188,10 +215,13 @@ class LCOGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             x = inputs["ref_per_token_logps"] - stats.logprobs
             logged["kl"] = torch.exp(x) - x - 1
-        sums = torch.stack([(v.float() * mask).sum() for v in logged.values()] + [mask.sum()])
-        totals = self.accelerator.reduce(sums, reduction="sum")
-        for name, total in zip(logged, totals[:-1].tolist()):
-            self._metrics[mode][name].append(total / max(totals[-1].item(), 1.0))
+        means = {name: ((v.float() * mask).sum(), mask.sum()) for name, v in logged.items()}
+        if self.policy_loss == "gspo":
+            clipped_seqs = (stats.clipped * mask).amax(-1)
+            means["clip_ratio/region_mean"] = (clipped_seqs.sum(), mask.new_tensor(mask.size(0)))
+        totals = self.accelerator.reduce(torch.stack([x for pair in means.values() for x in pair]), reduction="sum")
+        for name, (total, count) in zip(means, totals.view(-1, 2).tolist()):
+            self._metrics[mode][name].append(total / max(count, 1.0))
 
 
 def _detached_logprobs_linear(hidden, head, labels, temperature, rows=4096):
