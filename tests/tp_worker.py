@@ -282,3 +282,10 @@ def run_cases(rank, world, init_method, cases):
 
 if __name__ == "__main__":  # torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment
     run_cases(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", json.loads(sys.argv[1]))
+    # Leave without interpreter finalisation: the work is done and the group destroyed, but gloo's worker
+    # threads can still hold tensors whose release at finalisation aborts the process now and then
+    # ("terminate called without an active exception", SIGABRT after the results were printed; 2 of ~8
+    # full-suite runs on the shared CPU; pytorch/pytorch#179291 describes the race).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
