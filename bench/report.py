@@ -1,6 +1,7 @@
 """Markdown tables, the JSON record and the PNG plots of a benchmark run."""
 import collections
 import json
+import math
 import os
 
 MiB = 2 ** 20
@@ -176,8 +177,20 @@ def plots(records, out_dir, device_name):
     return written
 
 
-def write_record(out_dir, record):
+def write_record(out_dir, record, indent=1):
+    """``out_dir``/record.json in strict JSON: a NaN or infinite value (a ratio with no successes, a
+    failed measurement) is written as null, which every JSON parser reads."""
     path = os.path.join(out_dir, "record.json")
     with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(_finite_or_none(record), f, indent=indent, allow_nan=False)
     return path
+
+
+def _finite_or_none(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x

@@ -6,9 +6,10 @@ Experiments (each its own module; report.py turns what they measure into tables 
   warm-start  4. the learning-rate experiment fair to LCO: a warm-started GRU policy, each method's
               own learning-rate grid (warm_start.py, issue 16)
 """
-import json
 import os
 import time
+
+from bench.report import write_record
 
 from . import claims, report, small_task, warm_start
 
@@ -45,8 +46,7 @@ def main(quick, out_dir, log, parts=PARTS):
         record["warm_start"] = ws = warm_start.experiment(warm_start.settings(quick), log)
         sections.append(warm_start_section(ws))
         plots.append((report.plot_warm_start, ws, "warm_start_lr.png"))
-    with open(os.path.join(out_dir, "record.json"), "w") as f:
-        json.dump(record, f)
+    write_record(out_dir, record, indent=None)
     try:
         for plot, data, name in plots:
             plot(data, os.path.join(out_dir, name))
