@@ -57,13 +57,14 @@ def default_chunk_size(n_tokens, hidden_size, vocab, element_bytes):
 
 
 def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
-             chunk_size, accum_dtype, impl, with_stats, need_entropy, with_grads, tp):
+             chunk_size, accum_dtype, impl, with_stats, need_entropy, grads_in_forward, tp):
     """The forward's work, shared by the op (one process) and ``ShardedFusedLinear``.
 
-    Returns (row state (N, len(ROW_STATE)), statistics (N, len(STAT_ROWS)) or None, gradients or None):
-    with ``with_grads`` the chunks' logits are turned into their gradient as they go, for an upstream
-    gradient of 1 on the loss reduced with ``weights``, and (grad_hidden, grad_weight, grad_bias) come
-    back in the inputs' dtypes. ``tp`` = (process group, first row of this rank's vocabulary) or None.
+    Returns (row state (N, len(ROW_STATE)), statistics (N, len(STAT_ROWS)) or None, gradients or None).
+    Where ``grads_in_forward`` (flags for hidden, weight, bias) holds any True, the chunks' logits are
+    turned into their gradient as they go, for an upstream gradient of 1 on the loss reduced with
+    ``weights``, and (grad_hidden, grad_weight, grad_bias) come back in the inputs' dtypes, None where
+    the flag is False. ``tp`` = (process group, first row of this rank's vocabulary) or None.
     """
     dtype = product_dtype(hidden, weight, bias)  # autocast's rule: the products in the lower precision
     x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
@@ -73,7 +74,8 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
     entropy_grad = spec.has_entropy_term or need_entropy
     rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
     stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
-    grads = _Grads(x, weight_p, bias_p, accum_dtype) if with_grads else None
+    with_grads = any(grads_in_forward)
+    grads = _Grads(x, weight_p, bias_p, accum_dtype, grads_in_forward) if with_grads else None
 
     def forward_chunk(rows, logits):
         per_token = (advantages[rows], None if old_logprobs is None else old_logprobs[rows],
@@ -99,14 +101,15 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
 
 
 def _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype, impl, spec,
-              vocab_start):
-    """(grad_hidden (N, H), grad_weight, grad_bias or None) from per-token ``coef`` (and ``ent_coef``):
-    each chunk's logits are projected again and turned into their gradient."""
+              vocab_start, needs_grad):
+    """(grad_hidden (N, H), grad_weight, grad_bias) from per-token ``coef`` (and ``ent_coef``), each None
+    where ``needs_grad`` (hidden, weight, bias) is False: each chunk's logits are projected again and
+    turned into their gradient."""
     dtype = product_dtype(hidden, weight, bias)
     x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     weight_p = weight.to(dtype)
     bias_p = None if bias is None else bias.to(dtype)
-    grads = _Grads(x, weight_p, bias_p, accum_dtype)
+    grads = _Grads(x, weight_p, bias_p, accum_dtype, needs_grad)
 
     def backward_chunk(rows, logits):
         return coef[rows], None if ent_coef is None else ent_coef[rows], rows_state[rows]
@@ -131,69 +134,81 @@ def _outputs(rows_state, weights, need_entropy):
 # ---- one process: custom ops (torch.compile sees one node with a shape function and a gradient) ----
 
 def _fused_forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, ignore_index,
-                   chunk_size, accum_dtype, with_stats, need_entropy, with_grads, backend, *spec_fields):
+                   chunk_size, accum_dtype, with_stats, need_entropy, grads_in_forward, backend, *spec_fields):
     """(loss, entropy, row state, stats, grad_hidden, grad_weight, grad_bias); the last four are empty
-    when not formed (see ``_forward``; ``with_grads`` needs ``weights``)."""
+    when not formed (see ``_forward``; ``grads_in_forward`` needs ``weights``)."""
     check_labels_in_range(labels, weight.shape[0], ignore_index)  # CPU tensors only (ops.py)
     rows_state, stats, grads = _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights,
                                         ops.spec_from_args(spec_fields), ignore_index, chunk_size, accum_dtype,
-                                        ops.IMPLS[backend], with_stats, need_entropy, with_grads, None)
-    grad_hidden, grad_weight, grad_bias = (None,) * 3 if grads is None else grads
+                                        ops.IMPLS[backend], with_stats, need_entropy, grads_in_forward, None)
+    empty = rows_state.new_empty(0)
+    return _outputs(rows_state, weights, need_entropy) + (rows_state, empty.clone() if stats is None else stats) + (
+        _op_grads(hidden, (None,) * 3 if grads is None else grads))
+
+
+def _op_grads(hidden, grads):
+    """An op's three gradient outputs: grad_hidden in hidden's shape; an empty fp32 tensor for each None."""
+    grad_hidden, grad_weight, grad_bias = grads
     if grad_hidden is not None:
         grad_hidden = grad_hidden.view(hidden.shape)
-    empty = rows_state.new_empty(0)
-    return _outputs(rows_state, weights, need_entropy) + (rows_state,) + tuple(
-        empty.clone() if t is None else t for t in (stats, grad_hidden, grad_weight, grad_bias))
+    return tuple(hidden.new_empty(0, dtype=torch.float32) if g is None else g
+                 for g in (grad_hidden, grad_weight, grad_bias))
 
 
 def _fused_forward_fake(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, ignore_index,
-                        chunk_size, accum_dtype, with_stats, need_entropy, with_grads, *_):
+                        chunk_size, accum_dtype, with_stats, need_entropy, grads_in_forward, *_):
     n = labels.numel()
 
-    def new(present, shape, dtype=torch.float32):
-        return hidden.new_empty(shape if present else (0,), dtype=dtype if present else torch.float32)
+    def new(present, shape):
+        return hidden.new_empty(shape if present else (0,), dtype=torch.float32)
     return (new(True, () if weights is not None else (n,)), new(need_entropy, (n,)),
-            new(True, (n, len(ROW_STATE))), new(with_stats, (n, len(STAT_ROWS))),
-            new(with_grads, hidden.shape, hidden.dtype), new(with_grads, weight.shape, weight.dtype),
-            new(with_grads and bias is not None, weight.shape[:1], None if bias is None else bias.dtype))
+            new(True, (n, len(ROW_STATE))), new(with_stats, (n, len(STAT_ROWS)))) + _fake_grads(
+        hidden, weight, bias, grads_in_forward)
+
+
+def _fake_grads(hidden, weight, bias, present):
+    """``_op_grads``' shapes and dtypes: each gradient like its input where ``present``, else empty fp32."""
+    return tuple(t.new_empty(t.shape) if flag and t is not None else hidden.new_empty(0, dtype=torch.float32)
+                 for t, flag in zip((hidden, weight, bias), present))
 
 
 fused_linear_forward = ops.define(
     "fused_linear_forward",
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor advantages, Tensor? old_logprobs, "
     "Tensor? ref_logprobs, Tensor? weights, int ignore_index, int chunk_size, ScalarType accum_dtype, "
-    f"bool with_stats, bool need_entropy, bool with_grads, str backend, {ops.SPEC_SCHEMA}) "
+    f"bool with_stats, bool need_entropy, bool[] grads_in_forward, str backend, {ops.SPEC_SCHEMA}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fused_forward, _fused_forward_fake)
 
 
-def _fused_backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype, backend,
-                    *spec_fields):
-    """(grad_hidden, grad_weight, grad_bias or empty) in the inputs' shapes and dtypes."""
-    grad_hidden, grad_weight, grad_bias = _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef,
-                                                    chunk_size, accum_dtype, ops.IMPLS[backend],
-                                                    ops.spec_from_args(spec_fields), 0)
-    return grad_hidden.view(hidden.shape), grad_weight, hidden.new_empty(0) if grad_bias is None else grad_bias
+def _fused_backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype, needs_grad,
+                    backend, *spec_fields):
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' shapes and dtypes; empty where ``needs_grad``
+    (hidden, weight, bias) is False."""
+    return _op_grads(hidden, _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size,
+                                       accum_dtype, ops.IMPLS[backend], ops.spec_from_args(spec_fields), 0,
+                                       needs_grad))
 
 
-def _fused_backward_fake(hidden, weight, bias, *_):
-    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
-            hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+def _fused_backward_fake(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_size, accum_dtype,
+                         needs_grad, *_):
+    return _fake_grads(hidden, weight, bias, needs_grad)
 
 
 fused_linear_backward = ops.define(
     "fused_linear_backward",
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor rows_state, Tensor coef, Tensor? ent_coef, "
-    f"int chunk_size, ScalarType accum_dtype, str backend, {ops.SPEC_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+    f"int chunk_size, ScalarType accum_dtype, bool[] needs_grad, str backend, {ops.SPEC_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor)",
     _fused_backward, _fused_backward_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels = inputs[:4]
     weights = inputs[7]
-    ctx.chunk_size, ctx.accum_dtype, _, ctx.need_entropy, ctx.with_grads, ctx.backend = inputs[9:15]
+    ctx.chunk_size, ctx.accum_dtype, _, ctx.need_entropy, ctx.grads_in_forward, ctx.backend = inputs[9:15]
     ctx.spec = inputs[15:]
-    ctx.has_bias = bias is not None
+    ctx.with_grads = any(ctx.grads_in_forward)
     ctx.gradients_returned = False
     ctx.mark_non_differentiable(*output[2:] if ctx.need_entropy else (output[1],) + output[2:])
     ctx.set_materialize_grads(False)  # else autograd allocates zero gradients for them (V×H for grad_weight)
@@ -205,6 +220,7 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_gradient(ctx, grad_loss, grad_entropy, *_):
     refuse_double_backward()
+    needs_grad = ctx.needs_input_grad[:3]
     if ctx.with_grads:
         grads = _scale_formed_gradients(ctx, grad_loss)
     else:
@@ -215,8 +231,16 @@ def _fused_gradient(ctx, grad_loss, grad_entropy, *_):
         coef, ent_coef = row_coefficients(spec, rows_state, weights, grad_loss, grad_entropy,
                                           spec.has_entropy_term or ctx.need_entropy)
         grads = fused_linear_backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, ctx.chunk_size,
-                                      ctx.accum_dtype, ctx.backend, *ctx.spec)
-    return grads[:2] + (grads[2] if ctx.has_bias else None,) + (None,) * (len(ctx.needs_input_grad) - 3)
+                                      ctx.accum_dtype, list(needs_grad), ctx.backend, *ctx.spec)
+    # the outputs for gradients nobody needs are empty placeholders
+    return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def _grads_in_forward(needs_grad, weights, need_entropy):
+    """Which gradients the forward forms: with a scalar reduction and no per-token output the upstream
+    gradient will be one number, so the forward forms those needed (three matmuls per chunk at most) and
+    the backward only scales them; otherwise none."""
+    return [bool(need) and weights is not None and not need_entropy for need in needs_grad]
 
 
 def _scale_formed_gradients(ctx, grad_loss):
@@ -228,7 +252,7 @@ def _scale_formed_gradients(ctx, grad_loss):
         raise RuntimeError("fused linear loss: its gradients were formed in the forward pass and handed "
                            "out by the first backward; this graph cannot be differentiated again")
     ctx.gradients_returned = True
-    grads = ctx.saved_tensors
+    grads = ctx.saved_tensors  # those not formed are empty placeholders (or None in ShardedFusedLinear)
     if any(isinstance(g, FunctionalTensor) for g in grads):
         return tuple(None if g is None else g * grad_loss for g in grads)
     return tuple(None if g is None else g.mul_(grad_loss) for g in grads)
@@ -247,10 +271,11 @@ class ShardedFusedLinear(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs, weights, spec,
                 ignore_index, chunk_size, accum_dtype, impl, with_stats, need_entropy, tp):
         # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
-        with_grads = any(ctx.needs_input_grad[:3]) and weights is not None and not need_entropy
+        grads_in_forward = _grads_in_forward(ctx.needs_input_grad[:3], weights, need_entropy)
+        with_grads = any(grads_in_forward)
         rows_state, stats, grads = _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprobs,
                                             weights, spec, ignore_index, chunk_size, accum_dtype, impl, with_stats,
-                                            need_entropy, with_grads, tp[:2])
+                                            need_entropy, grads_in_forward, tp[:2])
         ctx.hidden_shape, ctx.has_bias, ctx.need_entropy = hidden.shape, bias is not None, need_entropy
         ctx.spec, ctx.impl, ctx.chunk_size, ctx.accum_dtype, ctx.tp = spec, impl, chunk_size, accum_dtype, tp
         ctx.with_grads, ctx.gradients_returned = with_grads, False
@@ -274,15 +299,16 @@ class ShardedFusedLinear(torch.autograd.Function):
                                               ctx.spec.has_entropy_term or ctx.need_entropy)
             grad_hidden, grad_weight, grad_bias = _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef,
                                                             ctx.chunk_size, ctx.accum_dtype, ctx.impl, ctx.spec,
-                                                            ctx.tp[1])
+                                                            ctx.tp[1], ctx.needs_input_grad[:3])
         group, _, all_reduce_grad_hidden = ctx.tp
-        if all_reduce_grad_hidden:
+        if all_reduce_grad_hidden and grad_hidden is not None:
             # each rank's grad_hidden covers its vocabulary rows only: the gradient of the replicated
             # hidden states is the sum over the group (what Megatron's copy_to_tensor_model_parallel_region
             # does in its backward when all_reduce_grad_hidden is left False)
             torch.distributed.all_reduce(grad_hidden, group=group)
         n_others = ShardedFusedLinear.forward.__code__.co_argcount - 4  # the inputs after ctx, hidden, weight, bias
-        return (grad_hidden.view(ctx.hidden_shape), grad_weight, grad_bias if ctx.has_bias else None) + (None,) * n_others
+        grad_hidden = None if grad_hidden is None else grad_hidden.view(ctx.hidden_shape)
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * n_others
 
 
 def _chunk_loop(x, weight, bias, labels, chunk_size, backend, spec, vocab_start, grads, per_chunk):
@@ -318,37 +344,41 @@ def product_dtype(hidden, weight, bias):
 
 
 class _Grads:
-    """grad_hidden and grad_weight / grad_bias accumulated in ``accum_dtype`` across chunks; ``x``,
+    """grad_hidden and grad_weight / grad_bias accumulated in ``accum_dtype`` across chunks, each only
+    where ``need`` (hidden, weight, bias) says so: a frozen LM head gets no V×H accumulator. ``x``,
     ``weight``, ``bias`` are those of the products (the lower precision when the inputs' dtypes differ)."""
 
-    def __init__(self, x, weight, bias, accum_dtype):
+    def __init__(self, x, weight, bias, accum_dtype, need):
         self.weight = weight
         self.x = x
-        self.bias = bias
-        self.hidden = torch.empty_like(x)
-        self.weight_acc = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device)
-        self.bias_acc = None if bias is None else torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device)
+        self.hidden = torch.empty_like(x) if need[0] else None
+        self.weight_acc = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if need[1] else None
+        self.bias_acc = (torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device)
+                         if need[2] and bias is not None else None)
         self.scratch = None  # one V×H product in the input dtype, when it differs from accum_dtype
 
     def add(self, rows, grad_logits):
-        torch.matmul(grad_logits, self.weight, out=self.hidden[rows])
-        x_rows = self.x[rows]
-        if self.weight_acc.dtype == grad_logits.dtype:
-            self.weight_acc.addmm_(grad_logits.t(), x_rows)
+        if self.hidden is not None:
+            torch.matmul(grad_logits, self.weight, out=self.hidden[rows])
+        if self.weight_acc is None:
+            pass
+        elif self.weight_acc.dtype == grad_logits.dtype:
+            self.weight_acc.addmm_(grad_logits.t(), self.x[rows])
         else:
             # each chunk's product is formed in the input dtype (fp32 accumulation inside the GEMM),
             # the sum across chunks in accum_dtype: bf16 sums across chunks drift (Liger #512)
             if self.scratch is None:
                 self.scratch = torch.empty(self.weight.shape, dtype=grad_logits.dtype, device=grad_logits.device)
-            torch.mm(grad_logits.t(), x_rows, out=self.scratch)
+            torch.mm(grad_logits.t(), self.x[rows], out=self.scratch)
             self.weight_acc += self.scratch
         if self.bias_acc is not None:
             self.bias_acc += grad_logits.sum(dim=0, dtype=self.bias_acc.dtype)
 
     def finish(self, hidden_dtype, weight_dtype, bias_dtype):
-        """The gradients in the inputs' own dtypes (the accumulators cast once, never via the product dtype)."""
-        grad_bias = None if self.bias_acc is None else self.bias_acc.to(bias_dtype)
-        return self.hidden.to(hidden_dtype), self.weight_acc.to(weight_dtype), grad_bias
+        """The gradients in the inputs' own dtypes (the accumulators cast once, never via the product
+        dtype); None where not needed."""
+        return tuple(None if t is None else t.to(dtype) for t, dtype in (
+            (self.hidden, hidden_dtype), (self.weight_acc, weight_dtype), (self.bias_acc, bias_dtype)))
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="lco", bias=None, old_logprobs=None,
@@ -440,13 +470,11 @@ def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_d
                                                         int(ignore_index), int(chunk_size), accum_dtype, impl,
                                                         with_stats, need_entropy, tp)
     else:
-        # a scalar reduction and no per-token output: the upstream gradient will be one number, so the
-        # forward forms the gradients (three matmuls per chunk) and the backward only scales them
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        with_grads = needs_grad and tokens.weights is not None and not need_entropy
+        needs_grad = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
         loss, entropy, _, stats, _, _, _ = fused_linear_forward(
             hidden, weight, bias, labels, *per_token, tokens.weights, int(ignore_index), int(chunk_size), accum_dtype,
-            with_stats, need_entropy, with_grads, ops.backend_name(impl), *ops.spec_args(spec))
+            with_stats, need_entropy, _grads_in_forward(needs_grad, tokens.weights, need_entropy),
+            ops.backend_name(impl), *ops.spec_args(spec))
     if tokens.weights is None:
         loss = loss.view(tokens.labels.shape)
     return loss, entropy.view(tokens.labels.shape) if need_entropy else entropy, stats

@@ -44,17 +44,18 @@ def backend_name(impl):
 # A LossSpec crosses the op boundary as its fields, in order (ops take no Python objects); the schema
 # text is derived from the dataclass, so a new field needs no change here.
 _SCHEMA_TYPES = {str: "str", float: "float", float | None: "float?", bool: "bool", int: "int", KL: "int"}
-SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(LossSpec))
+_FIELDS = dataclasses.fields(LossSpec)
+SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _FIELDS)
 
 
 def spec_args(spec: LossSpec):
     """The op arguments of a ``LossSpec``: its field values, in order (enums as ints)."""
-    return tuple(int(v) if isinstance(v, enum.IntEnum) else v for v in dataclasses.astuple(spec))
+    return tuple(int(v) if isinstance(v, enum.IntEnum) else v for v in (getattr(spec, f.name) for f in _FIELDS))
 
 
 def spec_from_args(args) -> LossSpec:
     return LossSpec(*(f.type(v) if isinstance(f.type, type) and issubclass(f.type, enum.IntEnum) else v
-                      for f, v in zip(dataclasses.fields(LossSpec), args)))
+                      for f, v in zip(_FIELDS, args)))
 
 
 def define(name, schema, fn, fake, mutates=()):

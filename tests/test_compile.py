@@ -88,22 +88,26 @@ def _opcheck_cases(backend, device):
     ] + _fused_linear_opcheck_cases(backend, device)
 
 
-def _fused_linear_forward_args(backend, device, loss, bias, reduced, need_entropy, with_stats):
+def _fused_linear_forward_args(backend, device, loss, bias, reduced, need_entropy, with_stats, frozen_weight=False):
     h, w, b, y, a, o, r = _linear_inputs(device=device)
+    in_forward = [reduced, reduced and not frozen_weight, reduced and bias]
     rl = loss != "sft"
     spec = loss_spec(loss, old_logprobs=o if rl else None, ref_logprobs=r if rl else None, beta=0.1 if rl else 0.0,
                      entropy_coef=0.01 if reduced else 0.0)
     weights = torch.full((y.numel(),), 1 / y.numel(), device=device) if reduced else None
-    return (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True) if bias else None, y.reshape(-1),
-            a.reshape(-1), o.reshape(-1) if spec.has_old else None, r.reshape(-1) if spec.has_ref else None, weights,
-            -100, 4, torch.float32, with_stats, need_entropy, reduced, backend, *ops.spec_args(spec))
+    return (h.requires_grad_(True), w.requires_grad_(not frozen_weight), b.requires_grad_(True) if bias else None,
+            y.reshape(-1), a.reshape(-1), o.reshape(-1) if spec.has_old else None,
+            r.reshape(-1) if spec.has_ref else None, weights, -100, 4, torch.float32, with_stats, need_entropy,
+            in_forward, backend, *ops.spec_args(spec))
 
 
 def _fused_linear_opcheck_cases(backend, device):
-    # a scalar reduction (the forward forms the gradients, the backward scales them) and per-token outputs
-    # (the backward op projects each chunk again)
+    # a scalar reduction (the forward forms the gradients, the backward scales them; also with a frozen LM
+    # head, whose gradient is not formed) and per-token outputs (the backward op projects each chunk again)
     reduced = _fused_linear_forward_args(backend, device, "ppo", bias=True, reduced=True, need_entropy=False,
                                          with_stats=True)
+    frozen = _fused_linear_forward_args(backend, device, "lco", bias=True, reduced=True, need_entropy=False,
+                                        with_stats=False, frozen_weight=True)
     per_token = _fused_linear_forward_args(backend, device, "sft", bias=False, reduced=False, need_entropy=True,
                                            with_stats=False)
     with torch.no_grad():
@@ -113,9 +117,12 @@ def _fused_linear_opcheck_cases(backend, device):
     spec = reduced[15:]
     return [
         (fused_linear.fused_linear_forward, reduced),
+        (fused_linear.fused_linear_forward, frozen),
         (fused_linear.fused_linear_forward, per_token),
-        (fused_linear.fused_linear_backward, (h, w, b, y, rows, coef, ent_coef, 4, torch.float32, backend, *spec)),
-        (fused_linear.fused_linear_backward, (h, w, None, y, rows, coef, None, 4, torch.float32, backend, *spec)),
+        (fused_linear.fused_linear_backward, (h, w, b, y, rows, coef, ent_coef, 4, torch.float32, [True] * 3, backend,
+                                              *spec)),
+        (fused_linear.fused_linear_backward, (h, w, None, y, rows, coef, None, 4, torch.float32, [True, False, False],
+                                              backend, *spec)),
     ]
 
 

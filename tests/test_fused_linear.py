@@ -100,6 +100,23 @@ def test_stats_and_module(backend, device):
                                                      chunk_size=5, backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # gradients formed in the forward / in the backward op
+def test_frozen_lm_head(backend, reduction, device):
+    """A frozen LM head (PEFT): only grad_hidden is formed (no V×H accumulator) and it equals the
+    reference; the frozen weight and bias get no gradient."""
+    hidden, weight, bias, labels, adv = linear_inputs((2, 5), 16, 129, torch.float32, device)
+    h = hidden.clone().requires_grad_(True)
+    loss = fused_linear_lco_loss(h, weight, labels, adv, bias=bias, reduction=reduction, chunk_size=3,
+                                 backend=backend)
+    grad_output = torch.randn(loss.shape, device=device) if reduction == "none" else torch.tensor(0.7, device=device)
+    loss.backward(grad_output)
+    ref_loss, (gh, _, _) = reference_grads("lco", hidden, weight, bias, labels, adv, reduction, grad_output)
+    check(loss.detach(), ref_loss, torch.float32, "loss")
+    check(h.grad, gh, torch.float32, "grad_hidden")
+    assert weight.grad is None and bias.grad is None
+
+
 def test_eager_gradients_are_handed_out_once():
     hidden, weight, _, labels, adv = linear_inputs((4,), 8, 33, torch.float32, "cpu", bias=False)
     h = hidden.clone().requires_grad_(True)
