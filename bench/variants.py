@@ -60,9 +60,14 @@ def make(name, backend):
     raise ValueError(name)
 
 
+FROZEN = "-frozen-head"  # a linear variant with the LM head's weight not requiring a gradient (PEFT)
+
+
 def linear_variant(name, backend):
-    """fn(hidden, weight, labels, advantages) -> loss: fused, or the projection then lco_loss."""
+    """fn(hidden, weight, labels, advantages) -> loss: fused, or the projection then lco_loss. The
+    "-frozen-head" variants are the same functions; the memory worker then leaves the weight frozen."""
     from lco_kernels import fused_linear_lco_loss
+    name = name.removesuffix(FROZEN)
     if name == "fused-linear":
         return lambda h, w, l, a: fused_linear_lco_loss(h, w, l, a, backend=backend)
     if name == "unfused-linear":
