@@ -108,7 +108,8 @@ def main(argv=None):
     print(text)
     suite.log(f"wrote {out_dir}/record.json, table.md" + (f" and {len(written)} plots" if written else ""))
     failed = [c for c in record["cases"] + record["linear"] + record["compiled"]
-              if "error" in c and c["variant"] in ("ours", "ours-inplace", "fused-linear", "compiled-ours", "compiled-ours-fused-linear")]
+              if "error" in c and c["variant"] in ("ours", "ours-inplace", "fused-linear", "compiled-ours",
+                                                   "compiled-ours-fused-linear")]
     return 1 if failed else 0
 
 

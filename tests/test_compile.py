@@ -233,7 +233,8 @@ def test_fullgraph_fused_linear_token_logprobs_training_matches_eager(device):
 @pytest.mark.parametrize("name", LINEAR_LOSSES)
 def test_fused_linear_meta_and_fake_tensors(name):
     fn, _ = LINEAR_LOSSES[name]
-    options = {"token_logprobs": [({}, (2, 3))], "gspo": [({}, ())]}.get(name, [({}, ()), ({"reduction": "none"}, (2, 3))])
+    options = {"token_logprobs": [({}, (2, 3))], "gspo": [({}, ())]}.get(name, [({}, ()),
+                                                                                ({"reduction": "none"}, (2, 3))])
     for kw, shape in options:
         h, w, b, y, a, o, r = (t.to("meta") for t in _linear_inputs())
         for t in (h, w, b):
