@@ -66,10 +66,7 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
     ``weights``, and (grad_hidden, grad_weight, grad_bias) come back in the inputs' dtypes, None where
     the flag is False. ``tp`` = (process group, first row of this rank's vocabulary) or None.
     """
-    dtype = product_dtype(hidden, weight, bias)  # autocast's rule: the products in the lower precision
-    x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    weight_p = weight.to(dtype)
-    bias_p = None if bias is None else bias.to(dtype)
+    x, weight_p, bias_p = _product_operands(hidden, weight, bias)
     n = x.shape[0]
     entropy_grad = spec.has_entropy_term or need_entropy
     rows_state = torch.empty(n, len(ROW_STATE), dtype=torch.float32, device=x.device)
@@ -105,10 +102,7 @@ def _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_si
     """(grad_hidden (N, H), grad_weight, grad_bias) from per-token ``coef`` (and ``ent_coef``), each None
     where ``needs_grad`` (hidden, weight, bias) is False: each chunk's logits are projected again and
     turned into their gradient."""
-    dtype = product_dtype(hidden, weight, bias)
-    x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    weight_p = weight.to(dtype)
-    bias_p = None if bias is None else bias.to(dtype)
+    x, weight_p, bias_p = _product_operands(hidden, weight, bias)
     grads = _Grads(x, weight_p, bias_p, accum_dtype, needs_grad)
 
     def backward_chunk(rows, logits):
@@ -116,6 +110,12 @@ def _backward(hidden, weight, bias, labels, rows_state, coef, ent_coef, chunk_si
 
     _chunk_loop(x, weight_p, bias_p, labels, chunk_size, impl, spec, vocab_start, grads, backward_chunk)
     return grads.finish(*_dtypes(hidden, weight, bias))
+
+
+def _product_operands(hidden, weight, bias):
+    """(hidden as (N, H), weight, bias) in the products' dtype: autocast's rule, the lowest precision."""
+    dtype = product_dtype(hidden, weight, bias)
+    return hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _dtypes(hidden, weight, bias):
