@@ -67,8 +67,8 @@ def lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_
         stats = {"actor/pg_clipfrac": clipped, "actor/ppo_kl": old_log_prob - log_prob,
                  "actor/lco_clamped_frac": rho_p >= 1, "actor/lco_target_prob": rho_p.clamp(max=1.0),
                  "actor/lco_token_prob": p}
-        n = mask.sum().clamp(min=1.0)
-        metrics = {name: ((value.float() * mask).sum() / n).item() for name, value in stats.items()}
+        means = torch.stack([(value.float() * mask).sum() for value in stats.values()]) / mask.sum().clamp(min=1.0)
+        metrics = dict(zip(stats, means.tolist()))  # one host read for all of them
     return loss, metrics
 
 
