@@ -14,11 +14,9 @@ token, before the reduction. The statistics come from the same sweep: ``logit_gr
 import torch
 
 from ._plumbing import loss_spec, prepare_tokens
-from ._validation import check_clip, check_kl, check_linear, check_logits_labels, check_options, per_token
+from ._validation import check_linear, check_logits_labels, check_options
 from .functional import _token_sweep
 from .fused_linear import _apply
-from .reductions import token_weights
-from .registry import KL_NAMES
 from .stats import TokenStats
 from .torch_heads import _kl_term
 
@@ -37,14 +35,13 @@ def gspo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=3e-4, eps
     logit_grad_norm (of the token's own GSPO and KL terms) and clipped (1 where the sequence's clip took
     the token's gradient away).
     """
-    _check(logits, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
-           ignore_index, reduction, max_length, token_count, seq_count, backend, return_stats)
     check_logits_labels(logits, labels)
-    tokens = _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index)
-    sweep = _token_sweep(logits, tokens[0], temperature=temperature, ignore_index=ignore_index, backend=backend,
+    spec, tokens = _prepare(logits, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta,
+                            kl_type, temperature, entropy_coef, ignore_index, loss_mask, reduction, max_length,
+                            token_count, seq_count, backend, return_stats)
+    sweep = _token_sweep(logits, tokens.labels, temperature=temperature, ignore_index=ignore_index, backend=backend,
                          return_entropy=entropy_coef != 0, return_stats=return_stats)
-    return _gspo(*sweep, *tokens, epsilon_low, epsilon_high, beta, kl_type, entropy_coef, ignore_index, reduction,
-                 max_length, token_count, seq_count)
+    return _gspo(*sweep, tokens, spec, ignore_index)
 
 
 def fused_linear_gspo_loss(hidden, weight, labels, advantages, old_logprobs, *, bias=None, epsilon_low=3e-4,
@@ -53,74 +50,65 @@ def fused_linear_gspo_loss(hidden, weight, labels, advantages, old_logprobs, *, 
                            max_length=None, token_count=None, seq_count=None, chunk_size=None,
                            accum_dtype=torch.float32, backend="auto", return_stats=False):
     """``gspo_loss(hidden @ weight.T + bias, ...)`` without the N×V logits (``fused_linear_token_logprobs``)."""
-    _check(hidden, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
-           ignore_index, reduction, max_length, token_count, seq_count, backend, return_stats)
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
-    tokens = _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index)
+    spec, tokens = _prepare(hidden, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta,
+                            kl_type, temperature, entropy_coef, ignore_index, loss_mask, reduction, max_length,
+                            token_count, seq_count, backend, return_stats)
     # fused_linear_token_logprobs' pass, with the SFT head's statistics as _token_sweep hands them out
-    spec = loss_spec("sft", temperature=temperature)
-    rows = prepare_tokens(spec, tokens[0], None, None, None, ignore_index=ignore_index, reduction="none",
+    sft = loss_spec("sft", temperature=temperature)
+    rows = prepare_tokens(sft, tokens.labels, None, None, None, ignore_index=ignore_index, reduction="none",
                           loss_mask=None, max_length=None, token_count=None, seq_count=None)
-    neg_logprobs, entropy, stats = _apply(hidden, weight, bias, rows, spec, ignore_index, chunk_size, accum_dtype,
+    neg_logprobs, entropy, stats = _apply(hidden, weight, bias, rows, sft, ignore_index, chunk_size, accum_dtype,
                                           backend, return_stats, entropy_coef != 0)
-    stats = TokenStats.from_rows(stats, labels.shape, spec) if return_stats else None
-    return _gspo(-neg_logprobs, entropy, stats, *tokens, epsilon_low, epsilon_high, beta, kl_type, entropy_coef,
-                 ignore_index, reduction, max_length, token_count, seq_count)
+    stats = TokenStats.from_rows(stats, labels.shape, sft) if return_stats else None
+    return _gspo(-neg_logprobs, entropy, stats, tokens, spec, ignore_index)
 
 
-def _check(inputs, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type, temperature, entropy_coef,
-           ignore_index, reduction, max_length, token_count, seq_count, backend, return_stats):
-    check_clip(epsilon_low, epsilon_high, None)
-    check_kl(beta, kl_type)
-    check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
-                  max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
-                  seq_count=seq_count, device=getattr(inputs, "device", None))
+def _prepare(inputs, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type,
+             temperature, entropy_coef, ignore_index, loss_mask, reduction, max_length, token_count, seq_count, backend,
+             return_stats):
+    """(spec, Tokens), every argument checked before any sweep. GSPO takes PPO's per-token inputs
+    (advantages, old log-probs, an optional reference) and PPO's ε / KL / temperature options, so PPO's
+    spec checks them and ``prepare_tokens`` folds the loss mask and forms the reduction's weights."""
     if not isinstance(old_logprobs, torch.Tensor):
         raise TypeError(f"old_logprobs must be a tensor (the behaviour policy's log-probs of the labels), "
                         f"got {type(old_logprobs).__name__}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
+    spec = loss_spec("ppo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_low=epsilon_low,
+                     epsilon_high=epsilon_high, beta=beta, kl_type=kl_type, temperature=temperature,
+                     entropy_coef=entropy_coef)
+    check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
+                  max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
+                  seq_count=seq_count, device=getattr(inputs, "device", None))
+    return spec, prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                                reduction=reduction, loss_mask=loss_mask, max_length=max_length,
+                                token_count=token_count, seq_count=seq_count)
 
 
-def _per_token(labels, advantages, old_logprobs, ref_logprobs, beta, loss_mask, ignore_index):
-    """(labels, advantages, old, ref) in labels' shape, checked before any sweep; tokens where ``loss_mask``
-    is 0 become ``ignore_index`` (as the fused losses fold it)."""
-    adv = per_token("advantages", advantages, labels)
-    old = per_token("old_logprobs", old_logprobs, labels, allow_number=False)
-    ref = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if beta > 0 else None
-    if loss_mask is not None:
-        mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
-        labels = labels.masked_fill(mask == 0, ignore_index)
-    return labels, adv, old, ref
-
-
-def _gspo(logprobs, entropy, sweep_stats, labels, adv, old, ref, epsilon_low, epsilon_high, beta, kl_type,
-          entropy_coef, ignore_index, reduction, max_length, token_count, seq_count):
-    adv, old = adv.to(logprobs.dtype), old.to(logprobs.dtype)
-    valid = labels != ignore_index
+def _gspo(logprobs, entropy, sweep_stats, tokens, spec, ignore_index):
+    adv, old = tokens.advantages.to(logprobs.dtype), tokens.old_logprobs.to(logprobs.dtype)
+    valid = tokens.labels != ignore_index
     mask = valid.to(logprobs.dtype)
     # log s = mean over the sequence's valid tokens of log p_t − log p_old,t (masked tokens may hold anything)
     log_ratio = torch.where(valid, logprobs - old, 0.0)
     log_seq_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).detach()
     # straight-through: the value is the sequence's ratio, the gradient that of log p_t
     s = torch.exp(torch.clamp(logprobs - logprobs.detach() + log_seq_ratio, max=10.0))
-    pg_unclipped, pg_clipped = -adv * s, -adv * torch.clamp(s, 1 - epsilon_low, 1 + epsilon_high)
+    pg_unclipped = -adv * s
+    pg_clipped = -adv * torch.clamp(s, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
     per_token_loss = torch.maximum(pg_unclipped, pg_clipped)
     # ∂(per-token loss)/∂log p_t for the statistics: −Ψ·s unless the clip or the clamp at 10 binds
     clipped = pg_clipped.detach() > pg_unclipped.detach()
     dloss = torch.where(clipped | (log_seq_ratio > 10.0), 0.0, -adv * s.detach())
-    if beta > 0:
+    if spec.has_ref:
         # a harmless value where masked: a NaN there would reach the gradient through exp's backward (0·NaN)
-        kl, dkl = _kl_term(logprobs, torch.where(valid, ref.to(logprobs.dtype), logprobs.detach()), KL_NAMES[kl_type])
-        per_token_loss = per_token_loss + beta * kl
-        dloss = dloss + beta * dkl.detach()
-    if entropy_coef != 0:
-        per_token_loss = per_token_loss - entropy_coef * entropy
+        ref = torch.where(valid, tokens.ref_logprobs.to(logprobs.dtype), logprobs.detach())
+        kl, dkl = _kl_term(logprobs, ref, spec.kl_type)
+        per_token_loss = per_token_loss + spec.beta * kl
+        dloss = dloss + spec.beta * dkl.detach()
+    if spec.entropy_coef != 0:
+        per_token_loss = per_token_loss - spec.entropy_coef * entropy
     per_token_loss = torch.where(valid, per_token_loss, 0.0)
-    if max_length is None:
-        max_length = labels.shape[-1] if labels.dim() else 1
-    weights = token_weights(valid, adv, reduction, max_length, token_count, seq_count)
-    loss = per_token_loss if weights is None else (per_token_loss.reshape(-1) * weights).sum()
+    loss = per_token_loss if tokens.weights is None else (per_token_loss.reshape(-1) * tokens.weights).sum()
     if sweep_stats is None:
         return loss
     norm = sweep_stats.logit_grad_norm  # ‖e_i − p‖/τ: the SFT head's gradient norm
