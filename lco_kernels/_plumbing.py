@@ -78,8 +78,6 @@ def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, igno
     if loss_mask is not None:
         mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
         labels = labels.masked_fill(mask == 0, ignore_index)
-    if max_length is None:
-        max_length = labels.shape[-1] if labels.dim() else 1
     weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)
     return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights)
 

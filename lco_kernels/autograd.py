@@ -12,6 +12,7 @@ import torch
 from . import tensor_parallel
 from ._plumbing import flat
 from .stats import ROW
+from .torch_backend import compute_dtype
 
 
 def as_rows3d(x):
@@ -29,10 +30,6 @@ def as_rows3d(x):
         return x.view(-1, x.shape[-2], V)
     except RuntimeError:  # leading dims that no single stride describes
         return x.contiguous().view(-1, x.shape[-2], V)
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reduce_rows(ctx, rows, weights, shape, stats, return_entropy):

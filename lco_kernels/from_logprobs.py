@@ -15,7 +15,7 @@ import torch
 
 from ._plumbing import loss_spec
 from ._validation import check_options, label_check_reads_device, per_token
-from .autograd import refuse_double_backward
+from .autograd import compute_dtype, refuse_double_backward
 from .reductions import token_weights
 from .registry import EPSILON, RHO_NEG, RHO_POS
 from .stats import TokenStats
@@ -82,7 +82,7 @@ def lco_loss_from_logprobs(logprobs, advantages, *, rho_pos=RHO_POS, rho_neg=RHO
     # as the label check: read only where that costs no host synchronisation; elsewhere the row is NaN
     if label_check_reads_device(logprobs) and bool((logprobs > 0).any()):
         raise ValueError("logprobs must be <= 0 (log-probabilities); found a positive value")
-    cdt = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(logprobs.dtype)
     adv = per_token("advantages", advantages, logprobs).to(cdt)
     old = per_token("old_logprobs", old_logprobs, logprobs, allow_number=False).to(cdt) if spec.has_old else None
     ref = per_token("ref_logprobs", ref_logprobs, logprobs, allow_number=False).to(cdt) if spec.has_ref else None
@@ -93,8 +93,6 @@ def lco_loss_from_logprobs(logprobs, advantages, *, rho_pos=RHO_POS, rho_neg=RHO
                             for t, v in ((logprobs.to(cdt), -1.0), (adv, 0.0), (old, -1.0), (ref, -1.0)))
     loss, target, clamped, clipped = _HeadOnLogprobs.apply(log_p, adv, old, ref, spec)
     per_token_loss = torch.where(valid, loss, 0.0)
-    if max_length is None:
-        max_length = logprobs.shape[-1] if logprobs.dim() else 1
     weights = token_weights(valid, adv, reduction, max_length, token_count, seq_count)
     out = per_token_loss if weights is None else (per_token_loss.reshape(-1) * weights).sum()
     if not return_stats:

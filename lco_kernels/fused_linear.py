@@ -440,16 +440,26 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
     and takes 1 − p_i from the log domain, as ``token_logprobs``. Shapes, dtypes (mixed allowed),
     ``chunk_size`` and ``accum_dtype`` as ``fused_linear_policy_loss``.
     """
-    spec = loss_spec("sft", temperature=temperature)
     check_options(ignore_index=ignore_index, reduction="none", backend=backend, return_stats=False, max_length=None,
                   temperature=temperature, device=getattr(hidden, "device", None))
     check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype)
+    logprobs, entropy, _ = _token_sweep(hidden, weight, bias, labels, temperature, ignore_index, chunk_size,
+                                        accum_dtype, backend, return_entropy, return_stats=False)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _token_sweep(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend,
+                 return_entropy, return_stats):
+    """``fused_linear_token_logprobs``' pass (arguments checked) as ``(logprobs, entropy or None, stats or
+    None)``; ``stats`` are the SFT head's, as ``functional._token_sweep`` hands them out."""
+    spec = loss_spec("sft", temperature=temperature)
     tokens = prepare_tokens(spec, labels, None, None, None, ignore_index=ignore_index,
                             reduction="none", loss_mask=None, max_length=None, token_count=None, seq_count=None)
-    loss, entropy, _ = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
-                              False, return_entropy)
+    loss, entropy, stats = _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend,
+                                  return_stats, return_entropy)
     # the SFT head's loss is −log p_i, exactly (a negation rounds nothing)
-    return (-loss, entropy) if return_entropy else -loss
+    return (-loss, entropy if return_entropy else None,
+            TokenStats.from_rows(stats, labels.shape, spec) if return_stats else None)
 
 
 def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,

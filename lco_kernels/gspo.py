@@ -16,7 +16,7 @@ import torch
 from ._plumbing import loss_spec, prepare_tokens
 from ._validation import check_linear, check_logits_labels, check_options
 from .functional import _token_sweep
-from .fused_linear import _apply
+from .fused_linear import _token_sweep as fused_linear_token_sweep
 from .stats import TokenStats
 from .torch_heads import _kl_term
 
@@ -54,14 +54,9 @@ def fused_linear_gspo_loss(hidden, weight, labels, advantages, old_logprobs, *, 
     spec, tokens = _prepare(hidden, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta,
                             kl_type, temperature, entropy_coef, ignore_index, loss_mask, reduction, max_length,
                             token_count, seq_count, backend, return_stats)
-    # fused_linear_token_logprobs' pass, with the SFT head's statistics as _token_sweep hands them out
-    sft = loss_spec("sft", temperature=temperature)
-    rows = prepare_tokens(sft, tokens.labels, None, None, None, ignore_index=ignore_index, reduction="none",
-                          loss_mask=None, max_length=None, token_count=None, seq_count=None)
-    neg_logprobs, entropy, stats = _apply(hidden, weight, bias, rows, sft, ignore_index, chunk_size, accum_dtype,
-                                          backend, return_stats, entropy_coef != 0)
-    stats = TokenStats.from_rows(stats, labels.shape, sft) if return_stats else None
-    return _gspo(-neg_logprobs, entropy, stats, tokens, spec, ignore_index)
+    sweep = fused_linear_token_sweep(hidden, weight, bias, tokens.labels, temperature, ignore_index, chunk_size,
+                                     accum_dtype, backend, entropy_coef != 0, return_stats)
+    return _gspo(*sweep, tokens, spec, ignore_index)
 
 
 def _prepare(inputs, labels, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, beta, kl_type,

@@ -26,7 +26,8 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
     - "seq-mean-token-mean": 1 / (valid tokens of the sequence) / seq_count (default: the number of
       sequences); a sequence without valid tokens contributes 0 (verl would divide 0 by 0);
     - "seq-mean-token-sum": 1 / seq_count;
-    - "seq-mean-token-sum-norm" (Dr. GRPO): 1 / (seq_count · max_length), as verl 0.9.1 and Liger;
+    - "seq-mean-token-sum-norm" (Dr. GRPO): 1 / (seq_count · max_length), as verl 0.9.1 and Liger
+      (max_length default: the sequences' length, the last dimension of ``valid``);
     - "sign-mean": mean over tokens with Ψ > 0 plus mean over tokens with Ψ < 0 (local counts only).
     """
     reduction = canonical(reduction)
@@ -49,6 +50,6 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
         elif reduction == "seq-mean-token-sum":
             seqs = seqs / n_seqs
         else:
-            seqs = seqs / (n_seqs * max_length)
+            seqs = seqs / (n_seqs * (seqs.shape[-1] if max_length is None else max_length))
         w = seqs.reshape(valid.shape)
     return w.reshape(-1)

@@ -13,7 +13,8 @@ from .torch_heads import row_head
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk of rows
 
 
-def _compute_dtype(dtype):
+def compute_dtype(dtype):
+    """The dtype the per-row math runs in: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -42,7 +43,7 @@ def _scaled(view, inv_temp, out):
 def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
     B, T, V = logits3d.shape
-    cdt = _compute_dtype(logits3d.dtype)
+    cdt = compute_dtype(logits3d.dtype)
     n = labels.numel()
     partials = torch.zeros(n, len(PARTIALS), dtype=cdt, device=labels.device)
     local = labels - vocab_start
@@ -115,7 +116,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     active = coef != 0
     if ent_coef is not None:
         active = active | (ent_coef != 0)
-    cdt = _compute_dtype(logits3d.dtype)
+    cdt = compute_dtype(logits3d.dtype)
     inv_temp = 1.0 / spec.temperature
     m, log_s = rows[:, ROW["m"]], rows[:, ROW["log_s"]]
     step = _rows_per_chunk(logits3d)
