@@ -28,7 +28,8 @@ def gspo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=3e-4, eps
     """GSPO's clipped sequence-ratio surrogate; sequences are the last dimension of ``labels``.
 
     advantages: per sequence (B, 1) or per token (B, T), as the other losses; old_logprobs: (B, T),
-    the behaviour policy's log-probs of the labels. Defaults: the GSPO paper's ε (3e-4, 4e-4) and its
+    the behaviour policy's log-probs of the labels, or None on-policy (the ratio is then exactly 1: the
+    current log-probs, detached, from the same sweep; no second pass to compute them). Defaults: the GSPO paper's ε (3e-4, 4e-4) and its
     aggregation, "seq-mean-token-mean" (any reduction of ``lco_loss`` is accepted, with its
     ``token_count`` / ``seq_count``). ``ref_logprobs``, ``beta``, ``kl_type``, ``entropy_coef`` and the
     other options as ``lco_loss``; with ``return_stats``, ``(loss, TokenStats)`` with logprobs, entropy,
@@ -64,11 +65,12 @@ def _prepare(inputs, labels, advantages, old_logprobs, ref_logprobs, epsilon_low
              return_stats):
     """(spec, Tokens), every argument checked before any sweep. GSPO takes PPO's per-token inputs
     (advantages, old log-probs, an optional reference) and PPO's ε / KL / temperature options, so PPO's
-    spec checks them and ``prepare_tokens`` folds the loss mask and forms the reduction's weights."""
-    if not isinstance(old_logprobs, torch.Tensor):
-        raise TypeError(f"old_logprobs must be a tensor (the behaviour policy's log-probs of the labels), "
-                        f"got {type(old_logprobs).__name__}")
-    spec = loss_spec("ppo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_low=epsilon_low,
+    spec (PG's on-policy, without old log-probs) checks them and ``prepare_tokens`` folds the loss mask
+    and forms the reduction's weights."""
+    if old_logprobs is not None and not isinstance(old_logprobs, torch.Tensor):
+        raise TypeError(f"old_logprobs must be a tensor (the behaviour policy's log-probs of the labels) or None "
+                        f"(on-policy), got {type(old_logprobs).__name__}")
+    spec = loss_spec("pg" if old_logprobs is None else "ppo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_low=epsilon_low,
                      epsilon_high=epsilon_high, beta=beta, kl_type=kl_type, temperature=temperature,
                      entropy_coef=entropy_coef)
     check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
@@ -80,7 +82,8 @@ def _prepare(inputs, labels, advantages, old_logprobs, ref_logprobs, epsilon_low
 
 
 def _gspo(logprobs, entropy, sweep_stats, tokens, spec, ignore_index):
-    adv, old = tokens.advantages.to(logprobs.dtype), tokens.old_logprobs.to(logprobs.dtype)
+    adv = tokens.advantages.to(logprobs.dtype)
+    old = logprobs.detach() if tokens.old_logprobs is None else tokens.old_logprobs.to(logprobs.dtype)
     valid = tokens.labels != ignore_index
     mask = valid.to(logprobs.dtype)
     # log s = mean over the sequence's valid tokens of log p_t − log p_old,t (masked tokens may hold anything)

@@ -287,10 +287,36 @@ def test_same_vocabulary_traffic_as_a_fused_head():
     assert stats["vocab_elements_per_NV"] == 3.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_without_old_logprobs(backend):
+    """old_logprobs=None is the ratio 1 exactly: the same loss, gradient and statistics as passing the
+    current log-probs (float64 reference), with KL, entropy bonus and temperature; fused-linear too."""
+    torch.manual_seed(3)
+    logits, labels, adv, _ = gspo_inputs(B=3, T=5, V=64)
+    ref = torch.randn(labels.shape) - 3.0
+    options = dict(ref_logprobs=ref, beta=0.1, entropy_coef=0.02, temperature=0.8, backend=backend)
+    current = reference.token_logprobs(logits.double() / 0.8, labels, -100).float()
+    z1, z2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    loss1, stats1 = gspo_loss(z1, labels, adv, current, return_stats=True, **options)
+    loss2, stats2 = gspo_loss(z2, labels, adv, None, return_stats=True, **options)
+    loss1.backward()
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(z2.grad, z1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats2.logit_grad_norm, stats1.logit_grad_norm, rtol=1e-5, atol=1e-7)
+    assert not stats2.clipped.any()
+    hidden, weight = torch.randn(3, 5, 16), torch.randn(64, 16) / 4
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    current = reference.token_logprobs((hidden.double() @ weight.double().T) / 0.8, labels, -100).float()
+    fused_linear_gspo_loss(h1, weight, labels, adv, current, **options).backward()
+    fused_linear_gspo_loss(h2, weight, labels, adv, None, **options).backward()
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_input():
     logits, labels, adv, old = gspo_inputs(B=2, T=3, V=20)
     with pytest.raises(TypeError, match="old_logprobs"):
-        gspo_loss(logits, labels, adv, None)
+        gspo_loss(logits, labels, adv, [0.0] * 3)
     with pytest.raises(ValueError, match="epsilon_low"):
         gspo_loss(logits, labels, adv, old, epsilon_low=1.5)
     with pytest.raises(ValueError, match="reduction"):

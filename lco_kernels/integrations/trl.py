@@ -150,8 +150,10 @@ class LCOGRPOTrainer(GRPOTrainer):
                 hidden = model(input_ids=input_ids, attention_mask=attention_mask, lco_hidden_states=True)
                 hidden = hidden[:, -n_keep - 1:-1]
                 head = self.accelerator.unwrap_model(model).get_output_embeddings()
-                if old is None and self.policy_loss in ("ppo", "cispo", "gspo"):
-                    old = _detached_logprobs_linear(hidden, head, labels, self.temperature)
+                if old is None and self.policy_loss in ("ppo", "cispo"):
+                    with torch.no_grad():  # the loss's own projection and chunks: exactly its log-probs
+                        old = lco_kernels.fused_linear_token_logprobs(hidden, head.weight, labels, bias=head.bias,
+                                                                      temperature=self.temperature)
                 if self.policy_loss == "gspo":
                     loss_fn = lco_kernels.fused_linear_gspo_loss
                 else:
@@ -161,7 +163,7 @@ class LCOGRPOTrainer(GRPOTrainer):
             else:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_keep + 1,
                                use_cache=False).logits[:, :-1]
-                if old is None and self.policy_loss in ("ppo", "cispo", "gspo"):
+                if old is None and self.policy_loss in ("ppo", "cispo"):
                     with torch.no_grad():
                         old = lco_kernels.token_logprobs(logits, labels, temperature=self.temperature)
                 loss_fn = getattr(lco_kernels, f"{self.policy_loss}_loss")
@@ -171,16 +173,19 @@ class LCOGRPOTrainer(GRPOTrainer):
         return loss
 
     def _policy_options(self, old):
-        """The formula's own options. ``old``: TRL's old log-probs, or for "ppo"/"cispo"/"gspo" on-policy (TRL
-        then skips computing them) the current ones detached, which makes the ratio exactly 1, as TRL's."""
+        """The formula's own options. ``old``: TRL's old log-probs, or on-policy (TRL then skips computing
+        them) for "ppo"/"cispo" the current ones detached, which makes the ratio exactly 1, as TRL's; for
+        "gspo" None, with which ``gspo_loss`` takes them from its own sweep (no second pass)."""
         if self.policy_loss == "pg":
             return {}
+        if self.policy_loss == "gspo":
+            return {"old_logprobs": old, "epsilon_low": self.epsilon_low, "epsilon_high": self.epsilon_high}
         if self.policy_loss == "cispo":
             # TRL's CISPO caps the weight at epsilon_high itself; the library caps it at 1 + epsilon_high.
             cap = self.epsilon_high if self.loss_type == "cispo" else 1.0 + self.epsilon_high
             return {"old_logprobs": old, "epsilon_high": cap - 1.0}
         options = {"rho_pos": self.rho_pos, "rho_neg": self.rho_neg} if self.policy_loss == "lco" else {}
-        if old is not None:  # "lco": PPO+LCO's trust region; "ppo", "gspo": always
+        if old is not None:  # "lco": PPO+LCO's trust region; "ppo": always
             options.update(old_logprobs=old, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
         return options
 
@@ -222,18 +227,6 @@ class LCOGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack([x for pair in means.values() for x in pair]), reduction="sum")
         for name, (total, count) in zip(means, totals.view(-1, 2).tolist()):
             self._metrics[mode][name].append(total / max(count, 1.0))
-
-
-def _detached_logprobs_linear(hidden, head, labels, temperature, rows=4096):
-    """log p(label) under softmax((hidden @ W.T + b) / τ), without gradient, a chunk of rows at a time."""
-    flat_h, flat_y = hidden.detach().reshape(-1, hidden.size(-1)), labels.reshape(-1)
-    out = torch.zeros(flat_y.shape, dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, flat_y.numel(), rows):
-            logits = torch.nn.functional.linear(flat_h[start:start + rows], head.weight, head.bias)
-            out[start:start + rows] = lco_kernels.token_logprobs(logits, flat_y[start:start + rows],
-                                                                 temperature=temperature)
-    return out.view(labels.shape)
 
 
 def _logit_transform(text_config):
