@@ -51,22 +51,18 @@ def lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_
     if rollout_is_weights is not None:
         # A positive per-token weight w: w·|Ψ|·KL = |w·Ψ|·KL with Ψ's sign (hence ρ) unchanged.
         advantages = advantages * rollout_is_weights
-    with torch.no_grad():
-        # PPO+LCO's trust region, as lco_loss(old_logprobs=...) applies it (torch_heads._policy_term):
-        # lco_loss_from_logprobs has no old_logprobs, so the hook zeroes those tokens' advantages itself.
-        ratio = torch.exp(log_prob - old_log_prob)
-        clipped = ((advantages > 0) & (ratio > 1 + epsilon_high)) | ((advantages < 0) & (ratio < 1 - epsilon_low))
-    per_token = lco_kernels.lco_loss_from_logprobs(log_prob, torch.where(clipped, 0.0, advantages), rho_pos=rho_pos,
-                                                   rho_neg=rho_neg, loss_mask=response_mask, reduction="none")
+    # PPO+LCO's trust region (tokens that left it in their advantage's direction have no loss) and the
+    # statistics, from the same head as lco_loss(old_logprobs=...)
+    per_token, token_stats = lco_kernels.lco_loss_from_logprobs(
+        log_prob, advantages, rho_pos=rho_pos, rho_neg=rho_neg, old_logprobs=old_log_prob, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, loss_mask=response_mask, reduction="none", return_stats=True)
     loss = agg_loss(loss_mat=per_token, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
                     **config.global_batch_info)
     with torch.no_grad():
         mask = response_mask.float()
-        p = log_prob.exp()
-        rho_p = torch.where(advantages > 0, rho_pos, rho_neg) * p
-        stats = {"actor/pg_clipfrac": clipped, "actor/ppo_kl": old_log_prob - log_prob,
-                 "actor/lco_clamped_frac": rho_p >= 1, "actor/lco_target_prob": rho_p.clamp(max=1.0),
-                 "actor/lco_token_prob": p}
+        stats = {"actor/pg_clipfrac": token_stats.clipped, "actor/ppo_kl": old_log_prob - log_prob,
+                 "actor/lco_clamped_frac": token_stats.clamped, "actor/lco_target_prob": token_stats.target_prob,
+                 "actor/lco_token_prob": token_stats.logprobs.exp()}
         means = torch.stack([(value.float() * mask).sum() for value in stats.values()]) / mask.sum().clamp(min=1.0)
         metrics = dict(zip(stats, means.tolist()))  # one host read for all of them
     return loss, metrics
