@@ -137,10 +137,12 @@ class LCOGRPOTrainer(GRPOTrainer):
         options = dict(temperature=self.temperature, return_stats=True, **self._reduction(inputs, mask, mode))
         if self.entropy_coef != 0.0:
             # TRL subtracts coef·(token mean of the entropy over this micro-batch)/accumulation steps; the
-            # library's entropy term shares the loss's normaliser (token_count), so rescale the coefficient.
+            # library's entropy term shares the loss's normaliser (token_count), so rescale the coefficient
+            # (a float: one host read of the ratio; 1 exactly for "bnpo", whose count is this micro-batch's).
             accum = self.current_gradient_accumulation_steps if mode == "train" else 1
-            options["entropy_coef"] = self.entropy_coef * float(options["token_count"]) / (
-                max(float(mask.sum()), 1.0) * accum)
+            local = mask.sum().clamp(min=1.0) * accum
+            ratio = 1.0 if self.loss_type == "bnpo" else float(options["token_count"] / local)
+            options["entropy_coef"] = self.entropy_coef * ratio
         if self.beta != 0.0:
             options.update(ref_logprobs=inputs["ref_per_token_logps"], beta=self.beta, kl_type="k3")
         old = inputs.get("old_per_token_logps")
