@@ -77,22 +77,33 @@ def run_cases(cases, device, repeats):
     records = []
     for k, (variant, n, vocab, dtype) in enumerate(cases, 1):
         rec = dict(variant=variant, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
-        t0 = time.perf_counter()
-        try:
+
+        def measure():
             times, memory = time_case(variant, n, vocab, dtype, device, repeats)
-            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
             # CPU: peak RSS of a fresh process per variant; CUDA: measured in-process by time_case
-            rec.update(memory or memory_case(variant, n, vocab, dtype, device))
-        except Exception as e:  # noqa: BLE001 - an OOM or a missing anchor is a result, not a crash
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            return times, memory or memory_case(variant, n, vocab, dtype, device)
+        seconds = _record(rec, device, measure)
         log(f"[{k}/{len(cases)}] {variant:>14} N={n:<6} V={vocab:<7} {rec['dtype']:<9} "
             + (f"median {rec['median_s'] * 1e3:9.2f} ms" if "median_s" in rec else rec.get("error", ""))
             + (f"  extra memory {rec['extra_bytes'] / 2**20:8.1f} MiB" if "extra_bytes" in rec else "")
-            + f"  ({time.perf_counter() - t0:.1f} s)")
+            + f"  ({seconds:.1f} s)")
         records.append(rec)
     return records
+
+
+def _record(rec, device, measure):
+    """``measure()`` → (times, other fields) into ``rec`` as times_s / min_s / median_s / max_s and the
+    fields, or its error (an OOM, a compile failure or a missing anchor is a result, not a crash).
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    try:
+        times, fields = measure()
+        rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times), **fields)
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t0
 
 
 def linear_cases(quick, device):
@@ -124,19 +135,15 @@ def run_linear(cases, device, repeats):
     records = []
     for k, (variant, n, hidden_size, vocab, dtype) in enumerate(cases, 1):
         rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
-        t0 = time.perf_counter()
-        try:
-            rec.update(memory_case(variant, n, vocab, dtype, device, hidden_size))
+
+        def measure():
+            memory = memory_case(variant, n, vocab, dtype, device, hidden_size)
             fn = linear_variant(variant, "triton" if device == "cuda" else "torch")
-            times = _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats)
-            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            return _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats), memory
+        seconds = _record(rec, device, measure)
         log(f"[linear {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} {rec['dtype']} "
             + (f"median {rec['median_s'] * 1e3:.1f} ms, extra memory {rec['extra_bytes'] / 2**20:.0f} MiB"
-               if "median_s" in rec else rec.get("error", "")) + f"  ({time.perf_counter() - t0:.1f} s)")
+               if "median_s" in rec else rec.get("error", "")) + f"  ({seconds:.1f} s)")
         records.append(rec)
     return records
 
@@ -183,17 +190,13 @@ def run_compiled_steps(cases, device, repeats):
     records = []
     for k, (variant, n, hidden_size, vocab) in enumerate(cases, 1):
         rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype="float32", device=device)
-        t0 = time.perf_counter()
-        try:
-            times = _time_compiled_step(variant, n, hidden_size, vocab, device, repeats)
-            rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
-        except Exception as e:  # noqa: BLE001 - a compile failure is a result, not a crash
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if device == "cuda":
-            torch.cuda.empty_cache()
+
+        def measure():
+            return _time_compiled_step(variant, n, hidden_size, vocab, device, repeats), {}
+        seconds = _record(rec, device, measure)
         log(f"[compiled {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} "
             + (f"median {rec['median_s'] * 1e3:.1f} ms" if "median_s" in rec else rec.get("error", ""))
-            + f"  ({time.perf_counter() - t0:.1f} s, compile included)")
+            + f"  ({seconds:.1f} s, compile included)")
         records.append(rec)
     return records
 
