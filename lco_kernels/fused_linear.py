@@ -73,6 +73,7 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
     stats = torch.empty(n, len(STAT_ROWS), dtype=torch.float32, device=x.device) if with_stats else None
     with_grads = any(grads_in_forward)
     grads = _Grads(x, weight_p, bias_p, accum_dtype, grads_in_forward) if with_grads else None
+    upstream = torch.ones((), device=x.device)  # the forward forms the gradients for an upstream gradient of 1
 
     def forward_chunk(rows, logits):
         per_token = (advantages[rows], None if old_logprobs is None else old_logprobs[rows],
@@ -86,8 +87,7 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
         if with_stats:
             stats[rows] = chunk_stats
         if with_grads:  # the upstream gradient will be one scalar: form the gradients now with upstream 1
-            return row_coefficients(spec, state, weights[rows], torch.ones((), device=x.device), None,
-                                    entropy_grad) + (state,)
+            return row_coefficients(spec, state, weights[rows], upstream, None, entropy_grad) + (state,)
         return None
 
     _chunk_loop(x, weight_p, bias_p, labels, chunk_size, impl, spec, 0 if tp is None else tp[1], grads,
