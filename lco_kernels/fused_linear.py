@@ -451,7 +451,7 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
 def _token_sweep(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend,
                  return_entropy, return_stats):
     """``fused_linear_token_logprobs``' pass (arguments checked) as ``(logprobs, entropy or None, stats or
-    None)``; ``stats`` are the SFT head's, as ``functional._token_sweep`` hands them out."""
+    None)``; ``stats`` are the SFT head's, as ``losses.per_token._token_sweep`` hands them out."""
     spec = loss_spec("sft", temperature=temperature)
     tokens = prepare_tokens(spec, labels, None, None, None, ignore_index=ignore_index,
                             reduction="none", loss_mask=None, max_length=None, token_count=None, seq_count=None)

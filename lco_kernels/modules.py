@@ -4,7 +4,7 @@ from torch import nn
 
 from ._plumbing import loss_spec
 from ._validation import check_chunk_size, check_options
-from .functional import lco_loss
+from .losses.per_token import lco_loss
 from .fused_linear import fused_linear_lco_loss
 from .registry import RHO_NEG, RHO_POS
 

@@ -1,4 +1,4 @@
-"""The functional API: every policy loss through one vocabulary kernel, and exact token log-probs.
+"""The per-token losses: every policy loss whose row loss sees the logits only through log p_i, through one vocabulary kernel, and exact token log-probs.
 
 All losses share the conventions of ``lco_loss``: ``(logits, labels, ...)`` with logits (..., V)
 and labels (...), and these keyword-only options:
@@ -42,12 +42,12 @@ supported (differentiating a gradient raises).
 """
 import torch
 
-from . import ops, tensor_parallel
-from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
-from ._validation import check_logits_labels, check_no_self_overlap, check_options
-from .autograd import ShardedLossFunction
-from .registry import EPSILON, RHO_NEG, RHO_POS
-from .stats import TokenStats
+from .. import ops, tensor_parallel
+from .._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
+from .._validation import check_logits_labels, check_no_self_overlap, check_options
+from ..autograd import ShardedLossFunction
+from ..registry import EPSILON, RHO_NEG, RHO_POS
+from ..stats import TokenStats
 
 
 def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprobs=None, *, ignore_index, reduction,
@@ -207,7 +207,7 @@ def _token_sweep(logits, labels, *, temperature=1.0, ignore_index=-100, return_e
 
     ``stats`` are the SFT head's (−log p_i), from the same sweep: besides log-probs and entropy, their
     ``logit_grad_norm`` is ‖∂log p_i/∂z‖₂ = ‖e_i − p‖/τ, so a loss ℓ written on the log-probs has
-    ‖∂ℓ_t/∂z‖₂ = |∂ℓ_t/∂log p_t| times it (gspo.py).
+    ‖∂ℓ_t/∂z‖₂ = |∂ℓ_t/∂log p_t| times it (losses/sequence.py).
     """
     spec = loss_spec("sft", temperature=temperature)
     out = _fused(spec, logits, labels, ignore_index=ignore_index, reduction="none", loss_mask=None, max_length=None,

@@ -13,12 +13,12 @@ token, before the reduction. The statistics come from the same sweep: ``logit_gr
 """
 import torch
 
-from ._plumbing import loss_spec, prepare_tokens
-from ._validation import check_linear, check_logits_labels, check_options
-from .functional import _token_sweep
-from .fused_linear import _token_sweep as fused_linear_token_sweep
-from .stats import TokenStats
-from .torch_heads import _kl_term
+from .._plumbing import loss_spec, prepare_tokens
+from .._validation import check_linear, check_logits_labels, check_options
+from .per_token import _token_sweep
+from ..fused_linear import _token_sweep as fused_linear_token_sweep
+from ..stats import TokenStats
+from ..torch_heads import _kl_term
 
 
 def gspo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=3e-4, epsilon_high=4e-4, ref_logprobs=None,
