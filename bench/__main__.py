@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench import report, suite
+from bench import fixed_cost, report, suite
 
 
 def main(argv=None):
@@ -42,6 +42,13 @@ def main(argv=None):
     record = dict(environment=env, quick=args.quick)
     sections = [f"# lco-kernels benchmark — {env['device']}\n\n`{' '.join(['python -m bench'] + sys.argv[1:])}` "
                 f"· torch {env['torch']} · triton {env['triton']} · commit {env['commit']} · {env['time']}\n"]
+
+    load, fixed_repeats = os.getloadavg(), 7 if args.quick else fixed_cost.REPEATS
+    suite.log("fixed cost per call (a fresh process; torch.compile compiles first) ...")
+    fixed = record["fixed_cost"] = dict(records=fixed_cost.run(fixed_repeats, device), threads=1, load_start=load)
+    fixed["load_end"] = os.getloadavg()
+    sections.append(report.fixed_cost_header(device, 1, fixed_repeats, load, fixed["load_end"]) + "\n"
+                    + report.fixed_cost_table(fixed["records"]))
 
     copy_bw = None
     if device == "cuda":
@@ -107,9 +114,9 @@ def main(argv=None):
         suite.log(f"plots skipped: {e}")
     print(text)
     suite.log(f"wrote {out_dir}/record.json, table.md" + (f" and {len(written)} plots" if written else ""))
-    failed = [c for c in record["cases"] + record["linear"] + record["compiled"]
+    failed = [c for c in record["cases"] + record["linear"] + record["compiled"] + fixed["records"]
               if "error" in c and c["variant"] in ("ours", "ours-inplace", "fused-linear", "compiled-ours",
-                                                   "compiled-ours-fused-linear")]
+                                                   "compiled-ours-fused-linear", "ours-sft")]
     return 1 if failed else 0
 
 

@@ -3,6 +3,7 @@ import collections
 import json
 import math
 import os
+import statistics
 
 MiB = 2 ** 20
 
@@ -43,6 +44,74 @@ def timing_table(records, device_kind, copy_bw=None):
                 bound = r["median_s"] / (moved / copy_bw)
                 lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['median_s'] * 1e3:.3f} | {t_ratio:.2f} | "
                              f"{bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
+    return "\n".join(lines)
+
+
+NOISY = 2.0  # a case whose slowest timing exceeds twice its fastest is flagged
+
+
+def spread(r):
+    """max ÷ min of a record's timings; a case above ``NOISY`` was disturbed (a shared, loaded machine)."""
+    times = r.get("times_s") or []
+    return max(times) / min(times) if times and min(times) > 0 else float("nan")
+
+
+def spread_cell(r):
+    s = spread(r)
+    return f"{s:.1f}" + (" **noisy**" if s > NOISY else "")
+
+
+def load_line(start, end):
+    """The machine's load average (1, 5, 15 minutes) at the start and the end of a measurement."""
+    fmt = lambda t: " / ".join(f"{x:.2f}" for x in t)  # noqa: E731
+    return f"Machine load average (1 / 5 / 15 min) {fmt(start)} at the start, {fmt(end)} at the end"
+
+
+def fixed_cost_header(device_kind, threads, repeats, load_start, load_end):
+    from bench.fixed_cost import VARIANTS
+    from bench.variants import DESCRIPTIONS
+    where = f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device_kind == "cpu" else "GPU"
+    return ("## Fixed cost per call: forward + backward at small shapes\n\n"
+            f"µs per forward + backward of one call ({where}, float32), the minimum over {repeats} interleaved "
+            "rounds in one fresh process (each round times every variant once; a timing is the mean of enough "
+            "back-to-back calls to last about 10 ms). At these shapes host work (argument checks, op dispatch, "
+            "the per-row head) weighs as much as the arithmetic. A ratio is our time ÷ the other's: below 1 "
+            "we are faster, above 1 slower. " + load_line(load_start, load_end) + ".\n\n"
+            + "\n".join(f"- {_LABELS[v]}: {DESCRIPTIONS[v]}" for v in VARIANTS) + "\n")
+
+
+_LABELS = {"ours": "lco_loss", "eager": "eager", "torch.compile": "torch.compile(plain LCO)",
+           "ours-sft": "sft_loss", "cross-entropy": "F.cross_entropy", "ours-inplace": "lco_loss in place",
+           "reference": "float64 reference"}
+
+
+def fixed_cost_table(records):
+    """The summary (minimum µs and our ratios, one line per shape), then every variant's min / median / max."""
+    by = _by_shape(records)
+
+    def us(r):
+        return f"{min(r['times_s']) * 1e6:.0f}" if r.get("times_s") else r.get("error", "–")
+
+    def ratio(a, b):
+        return f"{min(a['times_s']) / min(b['times_s']):.2f}" if a.get("times_s") and b.get("times_s") else "–"
+    lines = ["| N × V | lco_loss µs | plain LCO µs | torch.compile µs | lco_loss ÷ plain LCO "
+             "| lco_loss ÷ torch.compile | sft_loss µs | F.cross_entropy µs | sft_loss ÷ F.cross_entropy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, n, vocab), v in by.items():
+        ours, eager, comp, sft, ce = (v.get(k, {}) for k in ("ours", "eager", "torch.compile", "ours-sft",
+                                                              "cross-entropy"))
+        lines.append(f"| {n} × {vocab} | {us(ours)} | {us(eager)} | {us(comp)} | {ratio(ours, eager)} | "
+                     f"{ratio(ours, comp)} | {us(sft)} | {us(ce)} | {ratio(sft, ce)} |")
+    lines += ["", "| N × V | variant | min µs | median µs | max µs | calls per timing | spread (max ÷ min) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, n, vocab), v in by.items():
+        for name, r in v.items():
+            if not r.get("times_s"):
+                lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | {r.get('error', '–')} | | | | |")
+                continue
+            t = sorted(r["times_s"])
+            lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | {t[0] * 1e6:.0f} | "
+                         f"{statistics.median(t) * 1e6:.0f} | {t[-1] * 1e6:.0f} | {r['inner']} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 
