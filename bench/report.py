@@ -15,35 +15,72 @@ def _by_shape(records):
     return groups
 
 
+def timing_header(records, device_kind, repeats, copy_bw=None):
+    """The main table's title and how to read it: what each variant is, what "time ÷ ours" means."""
+    from bench.variants import DESCRIPTIONS
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    if device_kind == "cpu":
+        head = ("## Forward + backward at large shapes, side by side (CPU)\n\n"
+                f"float32, one thread. Each shape's variants are timed in {repeats} interleaved rounds in one fresh "
+                "process (each round times every variant once), then again in a second fresh process with heap "
+                "allocations forced (`MALLOC_MMAP_THRESHOLD_` = `MALLOC_TRIM_THRESHOLD_` = 4e9). **time ÷ ours** = "
+                "the variant's fastest time ÷ ours's fastest time in the same process: below 1 the variant is "
+                "faster than ours, above 1 slower. Read the heap-forced column for the arithmetic: with glibc's "
+                "defaults an allocation above its mmap threshold (32 MiB at most) is freshly mapped and faulted in "
+                "on every call, which slows eager PyTorch's N×V temporaries but not ours (a gradient and 4 MiB "
+                "chunk buffers); a long-running trainer's allocator keeps such memory, as the heap-forced setting "
+                "does. min / median / max: the variant's own times with glibc's defaults; spread = max ÷ min, "
+                f"above {NOISY:g} the case was disturbed (**noisy**) and its ratios are less sure. Extra memory: "
+                "peak RSS of a fresh process beyond its inputs.")
+    else:
+        head = (f"## Forward + backward on the GPU (triton.testing.do_bench; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+                "measured in this run)\n\n"
+                "**time ÷ ours** = the variant's median ÷ ours's median: below 1 the variant is faster, above 1 "
+                "slower. GB/s counts 3·N·V elements (read the logits, write the gradient, read them once more); "
+                "× copy-bound = time ÷ the time to move those bytes at copy bandwidth (1 = as fast as a copy). "
+                f"min / median / max over do_bench's timings; spread = max ÷ min, above {NOISY:g} **noisy**.")
+    return head + "\n\n" + "\n".join(f"- {v}: {DESCRIPTIONS.get(v, v)}" for v in variants)
+
+
+def _min_med_max(r):
+    return " / ".join(f"{x * 1e3:.3g}" for x in (r["min_s"], r["median_s"], r["max_s"]))
+
+
 def timing_table(records, device_kind, copy_bw=None):
-    """CPU: time and extra memory as ratios to ours. CUDA: absolute figures from the GPU as well."""
+    """CPU: time (glibc's default and heap allocations forced) and extra memory as ratios to ours, with
+    min / median / max and the spread. CUDA: absolute figures from the GPU as well."""
     lines = []
     if device_kind == "cpu":
-        lines.append("| dtype | N | V | variant | time ÷ ours | extra memory ÷ ours | extra memory |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| dtype | N | V | variant | time ÷ ours | time ÷ ours, heap forced | min / median / max ms "
+                     "| spread | extra memory ÷ ours | extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     else:
-        lines.append("| dtype | N | V | variant | median ms | time ÷ ours | GB/s (3·N·V) | × copy-bound time "
-                     "| peak extra memory |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| dtype | N | V | variant | min / median / max ms | spread | time ÷ ours | GB/s (3·N·V) "
+                     "| × copy-bound time | peak extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (dtype, n, vocab), variants in _by_shape(records).items():
         ours = variants.get("ours", {})
         for name, r in variants.items():
             if "error" in r:
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['error']} |" + " |" * (2 if device_kind == "cpu" else 4))
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['error']} |" + " |" * 5)
                 continue
-            t_ratio = r["median_s"] / ours["median_s"] if "median_s" in ours else float("nan")
             mem = r.get("extra_bytes")
             mem_s = f"{mem / MiB:.1f} MiB" if mem is not None else "–"
             if device_kind == "cpu":
+                t_ratio = r["min_s"] / ours["min_s"] if "min_s" in ours else float("nan")
+                heap, ours_heap = r.get("heap_times_s"), ours.get("heap_times_s")
+                h_ratio = f"{min(heap) / min(ours_heap):.2f}" if heap and ours_heap else "–"
                 m_ratio = (mem / ours["extra_bytes"]) if mem is not None and ours.get("extra_bytes") else float("nan")
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {t_ratio:.2f} | {m_ratio:.2f} | {mem_s} |")
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {t_ratio:.2f} | {h_ratio} | {_min_med_max(r)} | "
+                             f"{spread_cell(r)} | {m_ratio:.2f} | {mem_s} |")
             else:
+                t_ratio = r["median_s"] / ours["median_s"] if "median_s" in ours else float("nan")
                 elem = 2 if dtype in ("bfloat16", "float16") else 4
                 moved = 3 * n * vocab * elem
                 bw = moved / r["median_s"]
                 bound = r["median_s"] / (moved / copy_bw)
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['median_s'] * 1e3:.3f} | {t_ratio:.2f} | "
-                             f"{bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {_min_med_max(r)} | {spread_cell(r)} | "
+                             f"{t_ratio:.2f} | {bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
     return "\n".join(lines)
 
 
