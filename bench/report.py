@@ -104,7 +104,7 @@ def load_line(start, end):
     return f"Machine load average (1 / 5 / 15 min) {fmt(start)} at the start, {fmt(end)} at the end"
 
 
-def fixed_cost_header(device_kind, threads, repeats, load_start, load_end):
+def fixed_cost_header(device_kind, threads, repeats, load_start, load_end, variants=None):
     from bench.fixed_cost import VARIANTS
     from bench.variants import DESCRIPTIONS
     where = f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device_kind == "cpu" else "GPU"
@@ -114,7 +114,7 @@ def fixed_cost_header(device_kind, threads, repeats, load_start, load_end):
             "back-to-back calls to last about 10 ms). At these shapes host work (argument checks, op dispatch, "
             "the per-row head) weighs as much as the arithmetic. A ratio is our time ÷ the other's: below 1 "
             "we are faster, above 1 slower. " + load_line(load_start, load_end) + ".\n\n"
-            + "\n".join(f"- {_LABELS[v]}: {DESCRIPTIONS[v]}" for v in VARIANTS) + "\n")
+            + "\n".join(f"- {_LABELS[v]}: {DESCRIPTIONS[v]}" for v in variants or VARIANTS) + "\n")
 
 
 _LABELS = {"ours": "lco_loss", "eager": "eager", "torch.compile": "torch.compile(plain LCO)",

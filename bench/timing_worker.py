@@ -6,10 +6,10 @@ the compile caches are the worker's own.
 SPEC: {"device": "cpu" | "cuda", "threads": int, "repeats": int, "target_s": float,
        "shapes": [[N, V, [variant, ...]], ...]}   (variants: names of ``bench.variants.make``)
 
-Per shape, every variant is warmed up (``torch.compile`` compiles in its first call, so it runs three
-times), then timed in ``repeats`` rounds; each round times every variant once, in an order rotated
-from round to round, so that a slow spell of a shared machine hits all of them alike. A timing is the
-mean of ``inner`` back-to-back calls, ``inner`` chosen from the warm-up so that one timing lasts about
+Per shape, every variant is warmed up (four calls; ``torch.compile`` compiles in the first), then
+timed in ``repeats`` rounds; each round times every variant once, in an order rotated from round to
+round, so that a slow spell of a shared machine hits all of them alike. A timing is the mean of
+``inner`` back-to-back calls, ``inner`` chosen from the warm-up so that one timing lasts about
 ``target_s`` (small shapes take microseconds, below a single timer read's noise). Glibc reads its
 allocator settings (``MALLOC_MMAP_THRESHOLD_``, ...) at start: ``run`` passes them in the environment.
 Progress (shape k of n, elapsed, an estimate of what is left) goes to stderr.
@@ -76,9 +76,9 @@ def measure(spec, log):
                 # in place, the gradient overwrites the logits: that variant gets a copy of its own
                 z = logits.detach().clone().requires_grad_(True) if name == "ours-inplace" else logits
                 one = calls[name] = (lambda fn=fn, z=z: step(fn, z, labels, adv))
-                for _ in range(3):  # compiles (torch.compile), fills caches, settles the allocator
-                    one()
-                rec["inner"] = max(1, min(1000, round(spec["target_s"] / max(_timed(one, 1, device), 1e-7))))
+                one()  # compiles (torch.compile), fills caches, settles the allocator
+                warm = min(_timed(one, 1, device) for _ in range(3))
+                rec["inner"] = max(1, min(1000, round(spec["target_s"] / max(warm, 1e-7))))
             except Exception as e:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
                 rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 calls.pop(name, None)
