@@ -3,7 +3,8 @@
 # Needs only the machine's torch, triton and pytest: every other package is optional, and a part that
 # needs a missing one is skipped and named in the summary (no network there: nothing is installed).
 # Every part runs whatever an earlier one did (no -x); the last lines say which passed, failed or skipped.
-# Budget: under 8 minutes on one H200.
+# Budget: under 8 minutes on one H200. PYTEST_ARGS (default: tests) and BENCH_ARGS (default: none, e.g.
+# --quick) narrow the two long parts, for a try-out of this script elsewhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-check}"
@@ -25,7 +26,7 @@ PY
 
 echo "== tests on CUDA =="
 # -rs: the summary names every skipped test and its reason (a missing package, no second GPU, ...)
-timeout 300 python -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -40
+timeout 300 python -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -40
 tests_rc=${PIPESTATUS[0]}
 
 echo "== CUDA graph: capture forward + backward once, replay on new inputs, compare with eager =="
@@ -83,7 +84,7 @@ PY
 graph_rc=${PIPESTATUS[0]}
 
 echo "== benchmark =="
-timeout 300 python -m bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
+timeout 300 python -m bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== summary =="
