@@ -42,13 +42,15 @@ def main(argv=None):
     record = dict(environment=env, quick=args.quick, load_start=os.getloadavg())
     sections = []
 
+    # quick: without torch.compile, whose compilation would take most of this section's time
     fixed_repeats = 7 if args.quick else fixed_cost.REPEATS
-    suite.log("fixed cost per call (a fresh process; torch.compile compiles first) ...")
-    fixed = record["fixed_cost"] = dict(load_start=os.getloadavg(), threads=1,
-                                        records=fixed_cost.run(fixed_repeats, device))
+    fixed_variants = [v for v in fixed_cost.VARIANTS if not (args.quick and v == "torch.compile")]
+    suite.log("fixed cost per call (a fresh process) ...")
+    fixed = record["fixed_cost"] = dict(load_start=os.getloadavg(), threads=1, records=fixed_cost.run(
+        fixed_repeats, device, variants=fixed_variants))
     fixed["load_end"] = os.getloadavg()
-    sections.append(report.fixed_cost_header(device, 1, fixed_repeats, fixed["load_start"], fixed["load_end"])
-                    + "\n" + report.fixed_cost_table(fixed["records"]))
+    sections.append(report.fixed_cost_header(device, 1, fixed_repeats, fixed["load_start"], fixed["load_end"],
+                                             fixed_variants) + "\n" + report.fixed_cost_table(fixed["records"]))
 
     copy_bw = None
     if device == "cuda":
