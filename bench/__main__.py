@@ -71,13 +71,17 @@ def main(argv=None):
     sections.append("## Fused linear + LCO from hidden states vs `lco_loss(hidden @ weight.T)` (one forward + "
                     "backward; extra memory = beyond hidden and weight, "
                     + ("peak RSS of a fresh process)" if device == "cpu" else "torch.cuda.max_memory_allocated)")
-                    + "\n\n" + report.linear_table(record["linear"], device))
+                    + f"\n\nTimes: {repeats} calls after a warm-up; a ratio ÷ unfused is of medians (below 1: faster "
+                    "than the projection followed by `lco_loss`); spread = max ÷ min, above 2 **noisy**.\n\n"
+                    + report.linear_table(record["linear"], device))
 
     compiled = suite.compiled_step_cases(args.quick, device)
     suite.log(f"compiled model step: {len(compiled)} cases")
     record["compiled"] = suite.run_compiled_steps(compiled, device, repeats)
     sections.append("## `torch.compile(fullgraph=True)` model step (embedding → linear → loss, forward + backward): "
-                    "our loss vs the plain PyTorch LCO compiled with the model\n\n"
+                    f"our loss vs the plain PyTorch LCO compiled with the model\n\nTimes: {repeats} steps after the "
+                    "compiling one; time ÷ ours is of medians (below 1: faster than the step with our loss); "
+                    "spread = max ÷ min, above 2 **noisy**.\n\n"
                     + report.compiled_step_table(record["compiled"], device))
 
     reports = ([("traffic", "memory traffic under the Triton interpreter", _traffic),

@@ -42,8 +42,13 @@ def timing_header(records, device_kind, repeats, copy_bw=None):
     return head + "\n\n" + "\n".join(f"- {v}: {DESCRIPTIONS.get(v, v)}" for v in variants)
 
 
+def _ms(seconds):
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
 def _min_med_max(r):
-    return " / ".join(f"{x * 1e3:.3g}" for x in (r["min_s"], r["median_s"], r["max_s"]))
+    return " / ".join(_ms(r[k]) for k in ("min_s", "median_s", "max_s"))
 
 
 def timing_table(records, device_kind, copy_bw=None):
@@ -153,35 +158,38 @@ def fixed_cost_table(records):
 
 
 def linear_table(records, device_kind):
-    """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU) or absolute (GPU)."""
+    """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU: of medians)
+    and min / median / max ms with the spread."""
     lines = ["| variant | N | H | V | dtype | extra memory | memory ÷ unfused | "
-             + ("time ÷ unfused |" if device_kind == "cpu" else "median ms |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + ("time ÷ unfused | " if device_kind == "cpu" else "") + "min / median / max ms | spread |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if device_kind == "cpu" else "")]
     unfused = next((r for r in records if r["variant"] == "unfused-linear"), {})
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['error']} | | |")
+            lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['error']} | | | |"
+                         + (" |" if device_kind == "cpu" else ""))
             continue
         mem = r["extra_bytes"] / unfused["extra_bytes"] if unfused.get("extra_bytes") else float("nan")
-        last = (f"{r['median_s'] / unfused['median_s']:.2f}" if device_kind == "cpu" and unfused.get("median_s")
-                else f"{r['median_s'] * 1e3:.1f}")
+        ratio = (f"{r['median_s'] / unfused['median_s']:.2f} | " if unfused.get("median_s") else "– | ") \
+            if device_kind == "cpu" else ""
         lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | "
-                     f"{r['extra_bytes'] / MiB:.0f} MiB | {mem:.3f} | {last} |")
+                     f"{r['extra_bytes'] / MiB:.0f} MiB | {mem:.3f} | {ratio}{_min_med_max(r)} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 
 def compiled_step_table(records, device_kind):
-    """Compiled model step with our loss vs with the plain PyTorch LCO: time as a ratio to ours (and ms on a GPU)."""
-    lines = ["| variant | N | H | V | dtype | time ÷ ours |" + (" median ms |" if device_kind != "cpu" else ""),
-             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if device_kind != "cpu" else "")]
+    """Compiled model step with our loss vs with the plain PyTorch LCO: time as a ratio of medians to ours,
+    and min / median / max ms with the spread."""
+    lines = ["| variant | N | H | V | dtype | time ÷ ours | min / median / max ms | spread |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     ours = next((r for r in records if r["variant"] == "compiled-ours"), {})
     for r in records:
         head = f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} |" + (" |" if device_kind != "cpu" else ""))
+            lines.append(f"{head} {r['error']} | | |")
             continue
         ratio = r["median_s"] / ours["median_s"] if ours.get("median_s") else float("nan")
-        lines.append(f"{head} {ratio:.2f} |" + (f" {r['median_s'] * 1e3:.2f} |" if device_kind != "cpu" else ""))
+        lines.append(f"{head} {ratio:.2f} | {_min_med_max(r)} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 
