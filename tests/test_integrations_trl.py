@@ -153,6 +153,15 @@ PARITY_CASES = {
     "trl-cispo-sequence": ("trl", {"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 1.05,
                                    "num_iterations": 2}, 0.3, None, None),
     "trl-grpo-vllm-sequence-mask": ("trl", {"loss_type": "grpo", "num_iterations": 2}, 0.3, None, "sequence-mask"),
+    "trl-sapo": ("trl", {"loss_type": "sapo", "num_iterations": 2}, 0.3, None, None),
+    "trl-sapo-sequence": ("trl", {"loss_type": "sapo", "importance_sampling_level": "sequence", "num_iterations": 2},
+                          0.3, None, None),
+    "trl-vespo": ("trl", {"loss_type": "vespo", "num_iterations": 2}, 0.3, None, None),
+    "trl-vespo-vllm-token-mask": ("trl", {"loss_type": "vespo", "num_iterations": 2,
+                                          "vllm_importance_sampling_mode": "token_mask"}, 0.3, None, "token-mask"),
+    # TRL's default use_bias_correction_kl=True with beta > 0
+    "trl-dapo-kl-bias-corrected": ("trl", {"beta": 0.04, "num_iterations": 2}, 0.3, 0.5, None),
+    "trl-gspo-kl-bias-corrected": ("trl", dict(_GSPO, loss_type="grpo", beta=0.04), 0.3, 0.5, None),
 }
 
 
@@ -248,7 +257,8 @@ def test_lco_matches_the_log_prob_form_on_trl_log_probs(tmp_path):
     ({"importance_sampling_level": "sequence"}, {"policy_loss": "pg"}, "importance_sampling_level"),
     ({}, {"policy_loss": "gspo"}, "importance_sampling_level"),
     ({"importance_sampling_level": "sequence", "loss_type": "cispo"}, {"policy_loss": "gspo"}, "cispo"),
-    ({"importance_sampling_level": "sequence", "beta": 0.04}, {"policy_loss": "trl"}, "use_bias_correction_kl"),
+    ({"importance_sampling_level": "sequence", "loss_type": "cispo", "beta": 0.04}, {"policy_loss": "trl"},
+     "use_bias_correction_kl"),
     ({"beta": 0.04}, {"policy_loss": "pg"}, "use_bias_correction_kl"),
     ({"top_entropy_quantile": 0.5, "entropy_coef": 0.01}, {"policy_loss": "trl"}, "entropy_coef"),
     ({"loss_type": "grpo", "entropy_coef": 0.01}, {}, "entropy_coef"),

@@ -45,7 +45,7 @@ Every normaliser is mapped onto the library's reductions with TRL's global count
   (also exact; TRL's "clip_ratio" metrics then differ: ours counts the tokens the dual clip caps). TRL applies
   ``delta`` only to the clipped-surrogate loss types, and so does ``"trl"``.
 - ``beta`` > 0: TRL's k3 KL to ``ref_per_token_logps``, with ``use_bias_correction_kl`` (TRL's default) the
-  library's ``bias_correction_kl=True`` (k3·r, r = p/p_old differentiable). The library's k3 is verl's
+  library's ``bias_correction_kl=True`` (k3·r, r = p/p_old differentiable; for GSPO the sequence ratio). The library's k3 is verl's
   (log-ratio clamped at ±20, value at 10); TRL's is unclamped: they differ only where |log p − log p_ref| > ~2.4.
 - ``off_policy_mask_threshold`` (DeepSeek-V3.2's off-policy sequence mask, TRL's ``get_off_policy_mask`` on
   the sampler's log-probs, else the old ones) and ``top_entropy_quantile`` (TRL's ``get_high_entropy_mask``:
@@ -68,9 +68,9 @@ materialising the (B, T, V) logits. Per-token statistics from the loss's own swe
 ``lco/clamped_frac``, ``lco/logit_grad_norm``.
 
 What cannot be expressed raises ``ValueError`` at construction (``LCOGRPOTrainer._check_supported``):
-``importance_sampling_level="sequence"`` with ``beta`` > 0 and ``use_bias_correction_kl`` (TRL multiplies each
-token's KL by the sequence ratio, whose gradient reaches every token of the sequence: no per-token KL term
-has it); ``entropy_coef`` with ``top_entropy_quantile`` < 1 (TRL's bonus covers the high-entropy tokens only,
+``importance_sampling_level="sequence"`` with ``beta`` > 0 and ``use_bias_correction_kl`` for cispo, sapo, vespo
+and the clipped surrogate with ``delta`` (TRL multiplies each token's KL by the sequence ratio, whose gradient
+reaches every token of the sequence: only ``gspo_loss``'s KL term has it, so GSPO without ``delta`` is exact); ``entropy_coef`` with ``top_entropy_quantile`` < 1 (TRL's bonus covers the high-entropy tokens only,
 the library's entropy term every token its loss covers) or with the per-sequence normalisers of "grpo" /
 "sapo"; ``use_adaptive_entropy``; ``delta`` ≤ 1; the sequence level for "lco" / "pg" and ``delta`` for
 formulas without a clipped ratio (by name); ``use_bias_correction_kl`` with "pg" (no ratio); MoE router
@@ -160,11 +160,12 @@ class LCOGRPOTrainer(GRPOTrainer):
                       "TRL's two-sided clip caps the ratio of the clipped surrogate ('ppo', 'gspo', 'trl') at "
                       "delta > 1"),
             "use_bias_correction_kl": (
-                bias_kl and (self.importance_sampling_level == "sequence" or formula == "pg"),
+                bias_kl and ((self.importance_sampling_level == "sequence" and formula != "gspo") or formula == "pg"),
                 "TRL's default with beta != 0 multiplies the k3 KL by the ratio p/p_old: with "
                 "importance_sampling_level='sequence' by the sequence ratio, whose gradient reaches every token of "
-                "the sequence, which no per-token KL term has; 'pg' has no ratio. Set "
-                "use_bias_correction_kl=False (the plain k3 KL of GRPO and verl)"),
+                "the sequence, which only gspo_loss's KL term has (not cispo's, sapo's, vespo's or that of the "
+                "clipped surrogate with delta); 'pg' has no ratio. Set use_bias_correction_kl=False (the plain k3 "
+                "KL of GRPO and verl)"),
             "use_adaptive_entropy": (self.use_adaptive_entropy, "not supported (a static entropy_coef is)"),
             "entropy_coef": (self.entropy_coef != 0.0 and (self.loss_type in ("grpo", "sapo")
                                                             or self.top_entropy_quantile < 1.0),
@@ -256,7 +257,7 @@ class LCOGRPOTrainer(GRPOTrainer):
             advantages = advantages[:, None]
         old = inputs.get("old_per_token_logps")
         need_entropy = self.top_entropy_quantile < 1.0
-        needs_old = self._loss in ("ppo", "cispo", "sapo", "vespo") or (self._loss == "lco" and self._bias_correction)
+        needs_old = self._loss in ("ppo", "cispo", "sapo") or (self._loss == "lco" and self._bias_correction)
         current = entropy = None
         if need_entropy or self._straight_through or self.off_policy_mask_threshold is not None or (
                 old is None and needs_old):
