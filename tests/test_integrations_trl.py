@@ -41,7 +41,8 @@ TRAIN_CONFIGS = {"gspo": {"importance_sampling_level": "sequence"},
 
 
 @pytest.mark.parametrize("policy_loss, fused_linear", [
-    (loss, fused) for loss in ("lco", "ppo", "pg", "cispo", "gspo") for fused in (False, True)] + [("trl", False)])
+    (loss, fused) for loss in ("lco", "ppo", "pg", "cispo", "gspo") for fused in (False, True)] + [
+    ("trl", False), ("sapo", False), ("vespo", True)])
 def test_trains_a_few_steps(tmp_path, policy_loss, fused_linear):
     cfg = config(tmp_path, **TRAIN_CONFIGS[policy_loss]) if policy_loss in TRAIN_CONFIGS else None
     trainer = make(LCOGRPOTrainer, tmp_path, cfg=cfg, policy_loss=policy_loss, fused_linear=fused_linear)
@@ -186,7 +187,7 @@ def check_options_engaged(stock, overrides, inputs):
 @pytest.mark.parametrize("case, fused_linear", [(case, False) for case in sorted(PARITY_CASES)] + [
     (case, True) for case in ("dapo-default", "dapo-offpolicy-kl-temperature", "grpo", "cispo",
                               "gspo-dapo-offpolicy-kl-temperature-entropy", "gspo-grpo",
-                              "trl-top-entropy-quantile-0.2")])
+                              "trl-top-entropy-quantile-0.2", "trl-vespo-vllm-token-mask")])
 def test_reproduces_stock_grpo_gradient(tmp_path, case, fused_linear):
     """On one captured batch, LCOGRPOTrainer(policy_loss="ppo") gives stock GRPOTrainer's loss and gradient
     (TRL's formula for its loss_type), for every normaliser, off-policy, with KL and temperature; policy_loss="gspo"
