@@ -224,28 +224,18 @@ def _peer_kw(kw):
     return {k: v for k, v in kw.items() if k in ("beta", "bias_correction_kl", "tau_pos", "tau_neg")}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                           ("torch", torch.float64)])
 @pytest.mark.parametrize("case", list(TRL_CASES))
-def test_parity_with_trl_and_liger(case, peer, backend):
+def test_parity_with_trl_and_liger(case, backend, dtype):
     loss_type, fn, reduction, kw = TRL_CASES[case]
-    logits, labels, adv, old, ref = peer_inputs(seed=2)
+    logits, labels, adv, old, ref = peer_inputs(seed=2 if dtype == torch.float32 else 3)
+    logits = logits.to(dtype)
     ref_arg = dict(ref_logprobs=ref) if kw.get("beta") else {}
-    expected = _peer(PEERS[peer](loss_type, labels, adv, old, ref, **_peer_kw(kw)), logits, labels)
     ours = _ours(fn, logits, labels, adv, old, backend, reduction=reduction, **ref_arg, **kw)
-    _compare(f"{peer} {case} {backend} fp32", ours, expected, adv)
-
-
-@pytest.mark.parametrize("peer", list(PEERS))
-@pytest.mark.parametrize("case", list(TRL_CASES))
-def test_parity_with_trl_and_liger_float64(case, peer):
-    loss_type, fn, reduction, kw = TRL_CASES[case]
-    logits, labels, adv, old, ref = peer_inputs(seed=3)
-    logits = logits.double()
-    ref_arg = dict(ref_logprobs=ref) if kw.get("beta") else {}
-    expected = _peer(PEERS[peer](loss_type, labels, adv, old, ref, **_peer_kw(kw)), logits, labels)
-    ours = _ours(fn, logits, labels, adv, old, "torch", reduction=reduction, **ref_arg, **kw)
-    _compare(f"{peer} {case} torch fp64", ours, expected, adv, torch.float64)
+    for peer, peer_loss in PEERS.items():
+        expected = _peer(peer_loss(loss_type, labels, adv, old, ref, **_peer_kw(kw)), logits, labels)
+        _compare(f"{peer} {case} {backend} {str(dtype)[6:]}", ours, expected, adv, dtype)
 
 
 def test_bias_correction_changes_the_loss():
@@ -276,3 +266,22 @@ def test_sapo_sequence_normaliser_per_peer():
     default = sapo_loss(logits.double(), labels, adv, old, backend="torch")
     verl_value = _peer(verl_loss("sapo", "seq-mean-token-mean", labels, adv, old), logits, labels)[0]
     torch.testing.assert_close(default * B / non_empty, verl_value, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dppo_kl_exact_log1mp_where_verl_keeps_the_token(backend):
+    """p_old = 0.988, p_i = 1 − 1e-12: the exact binary KL is 0.267 > δ = 0.2 (Ψ > 0, p_i > p_old: masked,
+    no gradient); verl's log((1 − p_old + 1e-8) / (1 − p_i + 1e-8)) makes it 0.156 and keeps the token."""
+    logits = torch.tensor([[[27.631021, 0.0]]])    # log(1 − p_i) = −softplus(27.631021) ≈ log(1e-12)
+    labels = torch.tensor([[0]])
+    adv = torch.tensor([[1.0]])
+    old = torch.log(torch.tensor([[0.988]]))
+    kw = dict(divergence="kl", delta_low=0.2, delta_high=0.2, reduction="sum")
+    loss, grad = _ours(dppo_loss, logits, labels, adv, old, backend, **kw)
+    _, stats = dppo_loss(logits, labels, adv, old, backend=backend, return_stats=True, **kw)
+    _, verl_grad = _peer(verl_loss("dppo_kl", "sum", labels, adv, old, clip_ratio_low=0.2, clip_ratio_high=0.2),
+                         logits, labels)
+    logp = _logp(logits.double(), labels)
+    _, outside = reference.policy.dppo_token_loss(logp, old.double(), adv.double(), "kl", 0.2, 0.2, 3.0)
+    assert bool(outside.all()) and stats.clipped.item() == 1.0 and loss.item() == 0.0
+    assert bool((grad == 0).all()) and verl_grad.abs().max().item() > 1e-13
