@@ -117,19 +117,18 @@ class LCOGRPOTrainer(GRPOTrainer):
         self.policy_loss = policy_loss
         self.rho_pos, self.rho_neg = float(rho_pos), float(rho_neg)
         self.fused_linear = fused_linear
-        self._check_supported()
         self._set_formula()
+        self._check_supported()
         if fused_linear:
             _add_hidden_states_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
 
-    def _formula(self):
-        """The formula (a library loss name) this configuration selects."""
-        name = _TRL_FORMULAS.get(self.loss_type) if self.policy_loss == "trl" else self.policy_loss
-        return "gspo" if name == "ppo" and self.importance_sampling_level == "sequence" else name
-
     def _set_formula(self):
-        """The library loss to call and how the sequence ratio reaches it (see the module docstring)."""
-        formula = self._formula()
+        """The formula (a library loss name) this configuration selects, the library loss to call and how the
+        sequence ratio reaches it (see the module docstring)."""
+        formula = _TRL_FORMULAS.get(self.loss_type) if self.policy_loss == "trl" else self.policy_loss
+        if formula == "ppo" and self.importance_sampling_level == "sequence":
+            formula = "gspo"
+        self._formula = formula
         self._delta = self.args.delta if formula in _CLIPPED_SURROGATE else None
         # GSPO with delta: the straight-through sequence ratio through ppo_loss's dual clip
         self._loss = "ppo" if formula == "gspo" and self._delta is not None else formula
@@ -140,9 +139,9 @@ class LCOGRPOTrainer(GRPOTrainer):
 
     def _check_supported(self):
         args = self.args
-        formula = self._formula()
+        formula = self._formula
         named = self.policy_loss != "trl"
-        bias_kl = self.beta != 0.0 and args.use_bias_correction_kl
+        bias_kl = self._bias_correction
         unsupported = {
             "loss_type": (self.loss_type not in _TRL_FORMULAS,
                           f"{self.loss_type!r} is not one of TRL's loss types {sorted(_TRL_FORMULAS)}"),
@@ -178,7 +177,7 @@ class LCOGRPOTrainer(GRPOTrainer):
         for name, (bad, why) in unsupported.items():
             if bad:
                 raise ValueError(f"LCOGRPOTrainer: {name}: {why}")
-        loss = "ppo" if formula == "gspo" and args.delta is not None else formula
+        loss = self._loss
         fn = getattr(lco_kernels, f"fused_linear_{loss}_loss" if self.fused_linear and loss in ("gspo", "vespo")
                      else f"{loss}_loss", None)
         if fn is None or (bias_kl and "bias_correction_kl" not in inspect.signature(fn).parameters) or (
