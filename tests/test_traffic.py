@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import make_inputs
+import lco_kernels
 from lco_kernels import lco_loss
 from lco_kernels.diagnostics.traffic import count_traffic, summarize
 
@@ -107,3 +108,28 @@ def test_token_logprobs_read_once_forward_read_and_write_once_backward():
     with count_traffic() as launches:
         (logp.sum() + entropy.sum()).backward()
     assert summarize(launches, N, V, 4)["vocab_elements_per_NV"] == 2.0 and len(launches) == 1
+
+
+SEQUENCE_LOSSES = {
+    "gspo": lambda x, labels, adv, old, extra: lco_kernels.gspo_loss(x, labels, adv, old, **extra),
+    "geo_mean": lambda x, labels, adv, old, extra: lco_kernels.geo_mean_loss(x, labels, adv, old, **extra),
+    "vespo": lambda x, labels, adv, old, extra: lco_kernels.vespo_loss(x, labels, adv, old, sampler_ratio=old.exp(),
+                                                                       **extra),
+}
+
+
+@pytest.mark.parametrize("loss", list(SEQUENCE_LOSSES))
+def test_sequence_and_batch_selected_losses_keep_three_NV_in_two_launches(loss):
+    """Losses written on token_logprobs (statistics over sequences or the micro-batch of the current log-probs,
+    a KL term with the bias correction, an entropy bonus): one sweep forward, one backward, 3.0·N·V."""
+    B, T, V = 2, 3, 5000
+    logits, labels, adv = make_inputs((B, T), V, torch.float32, ignore_frac=0.0, zero_adv_frac=0.0)
+    adv = adv[:, :1]
+    old = torch.randn(B, T) * 0.1 - 8
+    extra = dict(ref_logprobs=old + 0.3, beta=0.1, bias_correction_kl=True, entropy_coef=0.01, backend="triton")
+    x = logits.clone().requires_grad_(True)
+    with count_traffic() as launches:
+        SEQUENCE_LOSSES[loss](x, labels, adv, old, extra).backward()
+    stats = summarize(launches, B * T, V, logits.element_size())
+    assert [l.kernel for l in launches] == ["_forward_kernel", "_backward_kernel"]
+    assert stats["vocab_elements_per_NV"] == 3.0
