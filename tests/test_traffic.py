@@ -115,6 +115,13 @@ SEQUENCE_LOSSES = {
     "geo_mean": lambda x, labels, adv, old, extra: lco_kernels.geo_mean_loss(x, labels, adv, old, **extra),
     "vespo": lambda x, labels, adv, old, extra: lco_kernels.vespo_loss(x, labels, adv, old, sampler_ratio=old.exp(),
                                                                        **extra),
+    "clip_cov": lambda x, labels, adv, old, extra: lco_kernels.clip_cov_loss(x, labels, adv, old, clip_cov_ratio=0.5,
+                                                                             clip_cov_lb=-10.0, **extra),
+    "kl_cov": lambda x, labels, adv, old, extra: lco_kernels.kl_cov_loss(x, labels, adv, old, kl_cov_ratio=0.5,
+                                                                         **extra),
+    "bypass_mode": lambda x, labels, adv, old, extra: lco_kernels.bypass_mode_loss(
+        x, labels, adv, old, loss_type="reinforce", rollout_is="sequence", rollout_rs="token_k1,seq_mean_k3",
+        rollout_rs_threshold="0.5_2.0,1.0", **extra),
 }
 
 

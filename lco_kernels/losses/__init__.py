@@ -10,4 +10,9 @@
   ``vespo_loss`` (VESPO's gamma weight of the sequence ratio; TRL / Liger ``loss_type="vespo"``), each
   with a ``fused_linear_*`` form. Its ``_run`` / ``_finish`` are the shared preparation, KL / entropy
   terms, reduction and statistics of every loss written on token log-probs.
+- ``batch_selected``: losses whose token selection is a statistic of the micro-batch's current
+  log-probs, taken from the same sweep: ``clip_cov_loss`` and ``kl_cov_loss`` (verl "clip_cov",
+  "kl_cov", the entropy-mechanism losses).
+- ``rollout_correction``: verl's "bypass_mode" (``bypass_mode_loss``) and its rollout-correction
+  importance weights and rejection masks (``rollout_correction``), from the sweep's own log-probs.
 """

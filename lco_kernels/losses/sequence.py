@@ -78,7 +78,7 @@ def masked_mean(values, mask, dim=None):
 
 
 def _run(head, inputs, labels, advantages, old_logprobs, *, linear=None, epsilon_low=EPSILON, epsilon_high=EPSILON,
-         old_required=False, ref_logprobs, beta, kl_type, bias_correction_kl, temperature, entropy_coef, ignore_index,
+         ref_logprobs, beta, kl_type, bias_correction_kl, temperature, entropy_coef, ignore_index,
          loss_mask, reduction, max_length, token_count, seq_count, backend, return_stats):
     """The loss of ``head`` on the log-probs of ``inputs``: logits, or hidden states with ``linear`` =
     (weight, bias, chunk_size, accum_dtype). Every argument is checked before the sweep."""
@@ -87,8 +87,6 @@ def _run(head, inputs, labels, advantages, old_logprobs, *, linear=None, epsilon
     else:
         check_linear(inputs, linear[0], linear[1], labels, *linear[2:])
     check_flag("bias_correction_kl", bias_correction_kl)
-    if old_logprobs is None and old_required:
-        raise ValueError("old_logprobs is required (the behaviour policy's log-probs of the labels)")
     if old_logprobs is not None and not isinstance(old_logprobs, torch.Tensor):
         raise TypeError(f"old_logprobs must be a tensor (the behaviour policy's log-probs of the labels) or None "
                         f"(on-policy), got {type(old_logprobs).__name__}")
