@@ -320,3 +320,29 @@ def test_bad_input():
         fused_linear_gspo_loss(hidden, weight, labels, adv, old, beta=0.1)
     with pytest.raises(ValueError, match="weight"):
         fused_linear_gspo_loss(hidden, weight[:, :3], labels, adv, old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_corrected_kl_as_trl_sequence_level(backend):
+    """bias_correction_kl: TRL's loss_type="grpo" with importance_sampling_level="sequence" and
+    use_bias_correction_kl, in float64 as TRL's _compute_loss writes it (k3 × the sequence's coef_1 =
+    exp(mean log-ratio), differentiable; its "grpo" aggregation: our "seq-mean-token-mean")."""
+    logits, labels, adv, old = gspo_inputs(clip=True)
+    ref = ref_inputs(logits, labels, 1.0)
+    z = logits.double().requires_grad_(True)
+    logp = reference.token_logprobs(z, labels, -100)
+    mask = (labels != -100).double()
+    log_ratio = logp - torch.where(mask > 0, old.double(), 0.0)
+    coef_1 = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_2 = torch.clamp(coef_1, 1 - 3e-4, 1 + 4e-4)
+    d = torch.where(mask > 0, ref.double(), 0.0) - logp
+    kl = (torch.exp(d) - d - 1) * coef_1
+    per_token = -torch.min(coef_1 * adv.double(), coef_2 * adv.double()) + 0.2 * kl
+    ref_loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    (ref_grad,) = torch.autograd.grad(ref_loss, z)
+    loss, grad = ours(logits, labels, adv, old, "seq-mean-token-mean", backend, ref_logprobs=ref, beta=0.2,
+                      bias_correction_kl=True)
+    print(f"\ngspo bias-corrected KL vs TRL {backend}: max|grad - TRL| / max|grad| = "
+          f"{((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item():.1e}")
+    assert_loss_close(loss, ref_loss.detach(), adv)
+    assert_grad_close(grad, ref_grad, adv, torch.float32)
