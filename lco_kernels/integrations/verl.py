@@ -20,7 +20,7 @@ Ray workers import this module when verl is imported with
 ``VERL_USE_EXTERNAL_MODULES=lco_kernels.integrations.verl`` in their environment.
 
 Precision: verl's hook sees per-token log-probs, not logits, so LCO runs in its log-prob form;
-the gradient is exact only as far as the log-probs verl hands over are (README, "Use with verl",
+the gradient is exact only as far as the log-probs verl hands over are (docs/guides/verl.md
 gives the measured error). ``use_exact_logprobs()`` (or ``LCO_VERL_EXACT_LOGPROBS=1`` at import)
 replaces verl's ``logprobs_from_logits`` by ``lco_kernels.token_logprobs``, whose backward takes
 1 − p_i from the log domain.
