@@ -161,6 +161,8 @@ def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, ol
              vocab_start_index=None) -> torch.Tensor:
     """Logits Convex Optimization loss (paper §4.2): |Ψ|·KL(π' ‖ π) per token, fused.
 
+    The options shared by every loss are described in this module's docstring.
+
     Args:
         logits: (..., V) float32 | bfloat16 | float16 (float64 with backend="torch").
         labels: (...) integer sampled tokens; ``ignore_index`` marks padding.
@@ -170,7 +172,6 @@ def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, ol
         old_logprobs: PPO+LCO. A token whose ratio r = p_i / p_old has already left the trust
             region in the direction its advantage pushes (r > 1 + ε_high with Ψ > 0,
             r < 1 − ε_low with Ψ < 0) gets zero loss and gradient, as PPO's clipped tokens.
-        (the other options: see this module's docstring)
 
     Returns:
         the loss (a scalar, or labels' shape for "none"); with return_stats, (loss, TokenStats).
