@@ -64,10 +64,10 @@ def check_flag(name, value):
 
 
 def token_ratio(logprobs, old):
-    """The token's ratio exp(log p_t − old_t), log clamped at ±20 as verl's, and its derivative."""
-    r = torch.exp(torch.clamp(logprobs - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    inside = (logprobs.detach() - old).abs() <= LOG_RATIO_CLAMP
-    return r, torch.where(inside, r.detach(), 0.0)
+    """The token's ratio exp(log p_t − old_t), unclamped as TRL's coef_1 and the per-token heads'
+    bias-corrected KL, and its derivative w.r.t. log p_t (itself)."""
+    r = torch.exp(logprobs - old)
+    return r, r.detach()
 
 
 def masked_mean(values, mask, dim=None):
@@ -160,10 +160,10 @@ def _gspo_head(epsilon_low, epsilon_high):
         # ∂(per-token loss)/∂log p_t: −Ψ·s unless the clip or the clamp at 10 binds
         clipped = pg_clipped.detach() > pg_unclipped.detach()
         dloss = torch.where(clipped | (log_seq_ratio.detach() > 10.0), 0.0, -adv * s.detach())
-        # bias_correction_kl: TRL's sequence-level coef_1 = exp(log s), differentiable through every token
-        seq_ratio = torch.exp(torch.clamp(log_seq_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        n = mask.sum(-1, keepdim=True).clamp(min=1)
-        dratio = torch.where(log_seq_ratio.detach().abs() <= LOG_RATIO_CLAMP, seq_ratio.detach() / n, 0.0)
+        # bias_correction_kl: TRL's sequence-level coef_1 = exp(log s) (unclamped), differentiable through
+        # every token of the sequence
+        seq_ratio = torch.exp(log_seq_ratio)
+        dratio = seq_ratio.detach() / mask.sum(-1, keepdim=True).clamp(min=1)
         return Policy(torch.maximum(pg_unclipped, pg_clipped), dloss, clipped,
                       kl_ratio=(seq_ratio.expand_as(logprobs), dratio.expand_as(logprobs)))
     return head
@@ -189,7 +189,7 @@ def gspo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=3e-4, eps
     accepted, with its ``token_count`` / ``seq_count``). ``ref_logprobs``, ``beta``, ``kl_type``,
     ``entropy_coef`` and the other options as ``lco_loss``. bias_correction_kl: TRL's
     ``use_bias_correction_kl``: the KL term times TRL's sequence-level coef_1 = exp(log s), differentiable
-    (log s clamped at ±20; TRL's is unclamped, and its k3 is not clamped at 10 as verl's and ours).
+    (unclamped, as TRL's; TRL's k3 is not clamped as verl's and ours: see ``losses.per_token``).
     With ``return_stats``, ``(loss, TokenStats)`` with logprobs, entropy, logit_grad_norm (of the token's
     own GSPO and KL terms) and clipped (1 where the sequence's clip took the token's gradient away).
     """
@@ -349,8 +349,8 @@ def vespo_loss(logits, labels, advantages, old_logprobs, *, k_pos=2.0, lambda_po
     loss whenever the padding's ratio is 1. Reduction default "mean" (TRL's and Liger's token mean; pass
     TRL's ``num_items_in_batch`` as ``token_count``). k_pos, lambda_pos, k_neg, lambda_neg: > 0 (TRL
     clamps λ at 1e-4; a λ ≤ 0 is refused here). bias_correction_kl: TRL's ``use_bias_correction_kl``, the
-    KL term times the token's differentiable ratio exp(log p_t − log p_old,t) (log clamped at ±20, and
-    verl's k3 clamped at 10: TRL clamps neither). The other options as ``gspo_loss``; ``return_stats``:
+    KL term times the token's differentiable ratio exp(log p_t − log p_old,t), unclamped (verl's k3 is
+    clamped, TRL's is not: see ``losses.per_token``). The other options as ``gspo_loss``; ``return_stats``:
     logprobs, entropy, logit_grad_norm (no clipped: nothing is clipped).
     """
     sampler_ratio = _check_vespo(k_pos, lambda_pos, k_neg, lambda_neg, sampler_ratio, labels)
