@@ -24,9 +24,17 @@ def lora(**overrides):
 
 
 @pytest.mark.parametrize("fused_linear", [False, True])
-def test_lco_with_lora_trains(tmp_path, fused_linear):
+def test_lco_with_lora_trains(tmp_path, fused_linear, monkeypatch):
     """policy_loss="lco" trains 3 steps: only the adapters move; with fused_linear=True the frozen LM head's
-    weight gets no gradient (the fused loss forms no V×H gradient for it)."""
+    weight gets no gradient and the fused loss allocates no V×H accumulator for it."""
+    from lco_kernels import fused_linear as fl
+    accumulators = []
+    real_init = fl._Grads.__init__
+
+    def spy(self, *args):
+        real_init(self, *args)
+        accumulators.append(self.weight_acc)
+    monkeypatch.setattr(fl._Grads, "__init__", spy)
     trainer = make(LCOGRPOTrainer, tmp_path, cfg=config(tmp_path, max_steps=3), policy_loss="lco",
                    fused_linear=fused_linear, peft_config=lora())
     model = trainer.model
@@ -40,6 +48,8 @@ def test_lco_with_lora_trains(tmp_path, fused_linear):
     trainable = {k for k, v in model.named_parameters() if v.requires_grad}
     assert changed == trainable and trainable and all("lora_" in k for k in trainable), changed
     assert not head.requires_grad and head.grad is None
+    if fused_linear:  # the loss's gradients were formed (grad_hidden), never one for the head
+        assert accumulators and all(acc is None for acc in accumulators)
 
 
 @pytest.mark.parametrize("fused_linear", [False, True])
