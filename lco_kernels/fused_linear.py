@@ -468,8 +468,8 @@ def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_d
     given as DTensors (FSDP2) is gathered first (``tensor_parallel.gather_sharded_head``)."""
     if tensor_parallel.is_dtensor(weight) or tensor_parallel.is_dtensor(bias) or tensor_parallel.is_dtensor(hidden):
         if tp is not None:
-            raise ValueError("weight is a DTensor, which carries its own sharding: leave process_group and "
-                             "vocab_start_index as None")
+            raise ValueError("hidden / weight / bias given as DTensors carry their own sharding: leave process_group "
+                             "and vocab_start_index as None")
         weight, bias = tensor_parallel.gather_sharded_head(hidden, weight, bias)
     dtype = product_dtype(hidden, weight, bias)
     # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device

@@ -126,7 +126,7 @@ def fsdp(rank, world, out_dir):
     whose weight the root's forward leaves unsharded. Placements it cannot gather raise."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     mesh = init_device_mesh("cpu", (world,))
     errors = {}
     cases = [(n, r, True) for n in ("lco", "fused") for r in REDUCTIONS] + [("ppo", "mean", True),
@@ -144,13 +144,17 @@ def fsdp(rank, world, out_dir):
             return weight
         errors[f"{name} {reduction}{'' if shard_head else ' head in root'}"] = step(
             model, fresh(k), name, reduction, rank, world, 200 + k, head_weight)
-    weight = DTensor.from_local(torch.randn(V, H // world), mesh, [Shard(1)])
+    by_columns = DTensor.from_local(torch.randn(V, H // world), mesh, [Shard(1)])
+    by_rows = DTensor.from_local(torch.randn(V // world, H), mesh, [Shard(0)])
     hidden, labels, adv = torch.randn(2, H), torch.randint(0, V, (2,)), torch.randn(2)
-    for kwargs, needle in (({}, "Shard(0)"), ({"process_group": dist.group.WORLD}, "process_group")):
+    for h, weight, kwargs, needle in (
+            (hidden, by_columns, {}, "Shard(0)"),
+            (hidden, by_rows, {"process_group": dist.group.WORLD}, "process_group"),
+            (DTensor.from_local(hidden, mesh, [Replicate()]), by_rows, {}, "plain tensor")):
         try:
-            lco_kernels.fused_linear_lco_loss(hidden, weight, labels, adv, **kwargs)
+            lco_kernels.fused_linear_lco_loss(h, weight, labels, adv, **kwargs)
         except ValueError as e:
             assert needle in str(e), str(e)
         else:
-            raise AssertionError(f"a Shard(1) weight was accepted with {kwargs}")
+            raise AssertionError(f"accepted: {needle}")
     report(rank, out_dir, "fsdp", errors)

@@ -1,6 +1,6 @@
 """The ranks of tests/test_data_parallel.py's TRL cases: ``LCOGRPOTrainer`` on several CPU processes, as
-``accelerate launch --cpu --num_processes 2`` runs it (accelerate's MULTI_CPU: DDP over gloo), each
-process with its own prompts and samples. Run through ``tp_worker.run_cases`` ("trl_dp_worker:parity",
+torchrun runs it with ``use_cpu=True`` (accelerate's MULTI_CPU: DDP over gloo), each process with its own
+prompts and samples. Run through ``tp_worker.run_cases`` ("trl_dp_worker:parity",
 "trl_dp_worker:train"), spawned or under torchrun.
 """
 import json
@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 
 def as_accelerate_launch(rank, world):
-    """The environment ``accelerate launch --cpu`` / torchrun gives each process (accelerate then finds the
-    process group already initialised and joins it as MULTI_CPU)."""
+    """The environment torchrun gives each process (accelerate then finds the process group already
+    initialised and joins it as MULTI_CPU)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
 
@@ -112,7 +112,8 @@ def train(rank, world, out_dir, steps=3):
 
     from lco_kernels.integrations.trl import LCOGRPOTrainer
     tmp = os.path.join(out_dir, f"train{rank}")
-    trainer = make(LCOGRPOTrainer, _path(out_dir), cfg=config(tmp, max_steps=steps), policy_loss="lco", fused_linear=True)
+    trainer = make(LCOGRPOTrainer, _path(out_dir), cfg=config(tmp, max_steps=steps), policy_loss="lco",
+                   fused_linear=True)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == steps, logs
