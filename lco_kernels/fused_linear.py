@@ -382,8 +382,10 @@ class _Grads:
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="lco", bias=None, old_logprobs=None,
-                             ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=EPSILON,
-                             epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", temperature=1.0,
+                             ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=None,
+                             epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", bias_correction_kl=False,
+                             tau_pos=1.0, tau_neg=1.05, divergence="tv", delta_low=0.2, delta_high=0.2,
+                             clip_ratio_c=3.0, dro_beta=None, temperature=1.0,
                              entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
                              token_count=None, seq_count=None, chunk_size=None, accum_dtype=torch.float32,
                              return_stats=False, backend="auto", process_group=None, vocab_start_index=None,
@@ -392,7 +394,9 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
 
     hidden: (..., H); weight: (V, H); bias: (V,) or None, floating, on one device (mixed dtypes: the
     products run in the lower precision, see the module docstring); labels and the per-token inputs
-    and options as for the matching logits-level loss (``lco_loss``, ...). chunk_size: tokens per
+    and options as for the matching logits-level loss (``lco_loss``, ``sapo_loss``, ...; the options of
+    other losses are ignored; ``epsilon_low=None`` is 0.2 except for CISPO, where it is the one-sided
+    cap; ``reduction`` defaults to "mean" for every loss, SAPO's included). chunk_size: tokens per
     chunk (default ``default_chunk_size``). accum_dtype: grad_weight / grad_bias accumulation dtype
     across chunks.
 
@@ -408,7 +412,9 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
     """
     spec = loss_spec(loss, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
-                     kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature)
+                     kl_type=kl_type, bias_correction_kl=bias_correction_kl, tau_pos=tau_pos, tau_neg=tau_neg,
+                     divergence=divergence, delta_low=delta_low, delta_high=delta_high, clip_ratio_c=clip_ratio_c,
+                     dro_beta=dro_beta, entropy_coef=entropy_coef, temperature=temperature)
     check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
                   max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
                   seq_count=seq_count, device=getattr(hidden, "device", None))

@@ -34,7 +34,16 @@ and labels (...), and these keyword-only options:
 
 Losses that take advantages also take ``ref_logprobs`` and ``beta`` (a KL penalty to a reference
 policy, loss += β·KL per token) with verl's estimator ``kl_type``: "k3" = "low_var_kl" (default,
-clamped as verl), "k1" = "kl", "k2" = "mse", "abs". Advantages must have labels' number of
+clamped as verl), "k1" = "kl", "k2" = "mse", "abs". Those that take ``old_logprobs`` also take
+``bias_correction_kl``: True gives TRL's ``use_bias_correction_kl`` (Liger's too), loss += β·KL·r
+with r = p_i / p_old unclamped and differentiable (∂/∂log p_i = β·(∂KL/∂log p_i + KL)·r). TRL's k3
+is unclamped; ours is verl's (x = log p_ref − log p_i clamped to ±20, k3 to ≤ 10, no gradient where
+a clamp binds), so the two differ only where k3 > 10, i.e. log p_ref − log p_i > 2.6 (or < −20).
+TRL applies the ratio of its ``importance_sampling_level``; the per-token losses use the token ratio.
+
+Each public function's keyword options are the shared ones above plus ``registry.LOSSES[name].options``
+(its hyperparameters and these KL options); tests/test_losses.py checks every signature against that
+table, so the explicit signatures cannot drift from the registry. Advantages must have labels' number of
 dimensions (per token (B, T), per sequence (B, 1)) or be a 0-dim tensor / a number.
 
 Losses are float32 (float64 for float64 logits with backend="torch"). Second derivatives are not
@@ -121,17 +130,40 @@ def pg_loss(logits, labels, advantages, *, ref_logprobs=None, beta=0.0, kl_type=
 
 
 def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, epsilon_high=EPSILON, dual_clip=None,
-             ref_logprobs=None, beta=0.0, kl_type="k3", temperature=1.0, entropy_coef=0.0, ignore_index=-100,
+             ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
              reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
              inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
     """PPO / GRPO clipped surrogate (PG-IS), as verl writes it.
 
     r = exp(clamp(log p_i − old_logprobs, ±20)); L = max(−Ψ·r, −Ψ·clip(r, 1 − ε_low, 1 + ε_high))
     (DAPO's clip-higher: ε_high > ε_low); with ``dual_clip`` = c, Ψ < 0 tokens are capped at −Ψ·c.
-    With ``ref_logprobs`` and ``beta`` > 0, GRPO's KL penalty β·KL (``kl_type``) is added per token.
+    With ``ref_logprobs`` and ``beta`` > 0, GRPO's KL penalty β·KL (``kl_type``) is added per token
+    (``bias_correction_kl``: see this module's docstring).
     """
     spec = loss_spec("ppo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_low=epsilon_low,
                      epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type,
+                     bias_correction_kl=bias_correction_kl, temperature=temperature, entropy_coef=entropy_coef)
+    return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                  reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                  seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
+
+
+def cispo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=None, epsilon_high=EPSILON, ref_logprobs=None,
+               beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
+               reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
+               inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
+    """CISPO: −sg(w)·Ψ·log p_i, r = p_i / p_old: the weight is clipped, never the gradient.
+
+    ``epsilon_low=None`` (default): w = min(r, 1 + ε_high), the CISPO paper's one-sided cap (TRL and
+    Liger cap at ε_high itself: pass ε_high − 1 to match them). A number: verl's two-sided
+    w = clip(r, 1 − ε_low, 1 + ε_high) (verl's ``cispo``, defaults 0.2 / 0.2; verl also clamps
+    log r to ±20 first, which changes nothing unless ε_high > e^20 − 1). Stats: ``clipped`` where
+    r leaves the interval.
+    """
+    spec = loss_spec("cispo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_low=epsilon_low,
+                     epsilon_high=epsilon_high, beta=beta, kl_type=kl_type, bias_correction_kl=bias_correction_kl,
                      temperature=temperature, entropy_coef=entropy_coef)
     return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
@@ -140,26 +172,15 @@ def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, e
                   vocab_start_index=vocab_start_index)
 
 
-def cispo_loss(logits, labels, advantages, old_logprobs, *, epsilon_high=EPSILON, ref_logprobs=None, beta=0.0,
-               kl_type="k3", temperature=1.0, entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None,
-               max_length=None, token_count=None, seq_count=None, inplace_backward=False, backend="auto",
-               return_stats=False, process_group=None, vocab_start_index=None):
-    """CISPO: −sg(min(r, 1 + ε_high))·Ψ·log p_i, r = p_i / p_old: the weight is capped, never the gradient."""
-    spec = loss_spec("cispo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, epsilon_high=epsilon_high,
-                     beta=beta, kl_type=kl_type, temperature=temperature, entropy_coef=entropy_coef)
-    return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
-                  reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
-                  seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
-                  return_stats=return_stats, process_group=process_group,
-                  vocab_start_index=vocab_start_index)
-
-
 def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, old_logprobs=None, epsilon_low=EPSILON,
-             epsilon_high=EPSILON, ref_logprobs=None, beta=0.0, kl_type="k3", temperature=1.0, entropy_coef=0.0,
+             epsilon_high=EPSILON, ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False,
+             temperature=1.0, entropy_coef=0.0,
              ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, token_count=None,
              seq_count=None, inplace_backward=False, backend="auto", return_stats=False, process_group=None,
              vocab_start_index=None) -> torch.Tensor:
     """Logits Convex Optimization loss (paper §4.2): |Ψ|·KL(π' ‖ π) per token, fused.
+
+    The options shared by every loss are described in this module's docstring.
 
     Args:
         logits: (..., V) float32 | bfloat16 | float16 (float64 with backend="torch").
@@ -170,14 +191,90 @@ def lco_loss(logits, labels, advantages, *, rho_pos=RHO_POS, rho_neg=RHO_NEG, ol
         old_logprobs: PPO+LCO. A token whose ratio r = p_i / p_old has already left the trust
             region in the direction its advantage pushes (r > 1 + ε_high with Ψ > 0,
             r < 1 − ε_low with Ψ < 0) gets zero loss and gradient, as PPO's clipped tokens.
-        (the other options: see this module's docstring)
 
     Returns:
         the loss (a scalar, or labels' shape for "none"); with return_stats, (loss, TokenStats).
     """
     spec = loss_spec("lco", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_type=kl_type,
-                     temperature=temperature, entropy_coef=entropy_coef)
+                     bias_correction_kl=bias_correction_kl, temperature=temperature, entropy_coef=entropy_coef)
+    return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                  reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                  seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
+
+
+def sapo_loss(logits, labels, advantages, old_logprobs, *, tau_pos=1.0, tau_neg=1.05, ref_logprobs=None, beta=0.0,
+              kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
+              reduction="seq-mean-token-mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
+              inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
+    """SAPO (soft adaptive policy optimization): −(4/τ)·σ(τ(r − 1))·Ψ per token, a smooth gate in place
+    of PPO's clip, with τ = ``tau_pos`` where Ψ > 0 and ``tau_neg`` elsewhere, r = p_i / p_old.
+
+    Peers: verl ``loss_mode="sapo"`` (``tau_pos`` / ``tau_neg``), TRL and Liger ``loss_type="sapo"``
+    (``sapo_temperature_pos`` / ``_neg``); defaults 1.0 / 1.05 as all three. ∂L/∂log p_i =
+    −4·σ(1 − σ)·r·Ψ.
+
+    Differences between the peers, and which one this follows:
+    - r = exp(clamp(log p_i − log p_old, ±20)) as verl (no gradient where the clamp binds); TRL and
+      Liger do not clamp. The two differ only for |log r| > 20, by under 3e-9·|Ψ| in α; without the
+      clamp an fp32 log r > 88 makes r = inf and the gate's gradient σ(1 − σ)·r = 0·inf = NaN.
+    - reduction: both peers always aggregate "seq-mean-token-mean" (verl ignores its loss_agg_mode
+      for SAPO), so that is the default here. verl divides by the sequences with at least one valid
+      token, TRL and Liger by all B (ours, as for every "seq-*" reduction): they differ only when a
+      sequence is fully padded; pass ``seq_count`` = the non-empty sequences for verl's.
+    """
+    spec = loss_spec("sapo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, tau_pos=tau_pos, tau_neg=tau_neg,
+                     beta=beta, kl_type=kl_type, bias_correction_kl=bias_correction_kl, temperature=temperature,
+                     entropy_coef=entropy_coef)
+    return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                  reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                  seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
+
+
+def dppo_loss(logits, labels, advantages, old_logprobs, *, divergence="tv", delta_low=0.2, delta_high=0.2,
+              clip_ratio_c=3.0, ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0,
+              entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
+              token_count=None, seq_count=None, inplace_backward=False, backend="auto", return_stats=False,
+              process_group=None, vocab_start_index=None):
+    """DPPO (divergence PPO, verl ``loss_mode="dppo_tv"`` / ``"dppo_kl"``): −sg(min(r, C))·Ψ·log p_i
+    on the tokens inside a divergence trust region, 0 (and no gradient) on the others.
+
+    r = exp(clamp(log p_i − log p_old, ±20)), C = ``clip_ratio_c`` (verl reuses ActorConfig's
+    ``clip_ratio_c``, default 3.0, although its code comment recommends a large C). The region, by
+    the direction Ψ pushes (a detached mask), with δ_low / δ_high = verl's clip_ratio_low / _high:
+    - ``divergence="tv"``: Ψ > 0 needs p_i − p_old ≤ δ_high, Ψ ≤ 0 needs p_i − p_old ≥ −δ_low;
+    - ``divergence="kl"``: D = KL(Bernoulli(p_old) ‖ Bernoulli(p_i)) = p_old·log(p_old / p_i) +
+      (1 − p_old)·log((1 − p_old) / (1 − p_i)); Ψ > 0 needs D ≤ δ_high or p_i ≤ p_old, Ψ ≤ 0 needs
+      D ≤ δ_low or p_i ≥ p_old. log(1 − p_i) is the kernel's exact one and log(1 − p_old) is
+      log(1 − e^{log p_old}) to full precision; verl computes log((1 − p_old + 1e-8) / (1 − p_i + 1e-8)),
+      which differs where 1 − p_i or 1 − p_old is not large against 1e-8, and there can flip the mask:
+      p_old = 0.988, p_i = 1 − 1e-12 has D = 0.267 here (outside δ = 0.2 for Ψ > 0) and 0.156 in
+      verl's formula (inside); in fp32, verl's 1 − p_i is also rounded to a multiple of 6e-8.
+    Stats: ``clipped`` = outside the region (verl's pg_clipfrac).
+    """
+    spec = loss_spec("dppo", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, divergence=divergence,
+                     delta_low=delta_low, delta_high=delta_high, clip_ratio_c=clip_ratio_c, beta=beta, kl_type=kl_type,
+                     bias_correction_kl=bias_correction_kl, temperature=temperature, entropy_coef=entropy_coef)
+    return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
+                  reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
+                  seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
+                  return_stats=return_stats, process_group=process_group,
+                  vocab_start_index=vocab_start_index)
+
+
+def dro_loss(logits, labels, advantages, old_logprobs, *, dro_beta, ref_logprobs=None, beta=0.0, kl_type="k3",
+             bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100, reduction="mean",
+             loss_mask=None, max_length=None, token_count=None, seq_count=None, inplace_backward=False,
+             backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
+    """DRO (verl ``loss_mode="dro"``, ``policy_loss.dro_beta``): −Ψ·log p_i + (β/2)·(log p_i − log p_old)²
+    per token, β = ``dro_beta`` > 0 (required, as in verl). No clamp of the log-ratio (verl has none)."""
+    spec = loss_spec("dro", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, dro_beta=dro_beta, beta=beta,
+                     kl_type=kl_type, bias_correction_kl=bias_correction_kl, temperature=temperature,
+                     entropy_coef=entropy_coef)
     return _fused(spec, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                   reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                   seq_count=seq_count, inplace_backward=inplace_backward, backend=backend,
