@@ -4,7 +4,7 @@ kernels' head selection, the ahead-of-time head list and the tests' variants are
 Every loss here sees the logits only through log p_i, so its logit gradient is α·(p̃ − e_i)
 (SPEC §1); the head maps (log p_i, log(1 − p_i), Ψ, old/reference log-probs) to (loss, α).
 
-Adding a loss: see "Adding a loss" in README.md.
+Adding a loss: see "Adding a loss" in docs/contributing.md.
 """
 import dataclasses
 import enum
