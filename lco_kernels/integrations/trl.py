@@ -77,7 +77,6 @@ formulas without a clipped ratio (by name); ``use_bias_correction_kl`` with "pg"
 losses; and ``fused_linear=True`` for models that scale or soft-cap their logits.
 """
 import functools
-import inspect
 import math
 import types
 
@@ -86,7 +85,6 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
 import lco_kernels
-from lco_kernels.registry import LOSSES
 
 POLICY_LOSSES = ("lco", "trl", "ppo", "pg", "cispo", "gspo", "sapo", "vespo")
 # TRL loss_type -> the library loss computing its formula (policy_loss="trl"); the normaliser: _reduction
@@ -177,14 +175,6 @@ class LCOGRPOTrainer(GRPOTrainer):
         for name, (bad, why) in unsupported.items():
             if bad:
                 raise ValueError(f"LCOGRPOTrainer: {name}: {why}")
-        loss = self._loss
-        fn = getattr(lco_kernels, f"fused_linear_{loss}_loss" if self.fused_linear and loss in ("gspo", "vespo")
-                     else f"{loss}_loss", None)
-        if fn is None or (bias_kl and "bias_correction_kl" not in inspect.signature(fn).parameters) or (
-                self.fused_linear and loss not in ("gspo", "vespo") and loss not in LOSSES):
-            raise ValueError(f"LCOGRPOTrainer: this lco_kernels has no {loss!r} loss"
-                             f"{' with bias_correction_kl' if bias_kl else ''}"
-                             f"{' in fused-linear form' if self.fused_linear else ''}")
         if self.fused_linear:
             scale = _logit_transform(self.model.config.get_text_config())
             if scale:
