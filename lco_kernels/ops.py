@@ -24,6 +24,7 @@ kernels) ``wrap_triton`` hands back the interpreted kernel, which cannot launch 
 """
 import dataclasses
 import enum
+import functools
 
 import torch
 
@@ -41,21 +42,49 @@ def backend_name(impl):
     return "triton" if impl is triton_backend else "torch"
 
 
-# A LossSpec crosses the op boundary as its fields, in order (ops take no Python objects); the schema
-# text is derived from the dataclass, so a new field needs no change here.
-_SCHEMA_TYPES = {str: "str", float: "float", float | None: "float?", bool: "bool", int: "int", KL: "int"}
-_FIELDS = dataclasses.fields(LossSpec)
-SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _FIELDS)
+# A LossSpec crosses the op boundary as two arguments (ops take no Python objects): ``spec``, a string
+# of its non-float fields, and ``spec_values``, its float fields (a list, so that floats that
+# torch.compile made symbolic pass through). Two arguments, not one per field: torch.library walks
+# the schema on every call, at a cost that grows with the square of its length. Both are derived
+# from the dataclass, so a new field needs no change here as long as its type is in _KEY_TYPES or
+# _FLOAT_TYPES. Decoding is cached per configuration.
+_KEY_TYPES = {str: str, bool: lambda k: k == "True", int: int, KL: lambda k: KL(int(k))}
+_FLOAT_TYPES = (float, float | None)
+_FIELDS = tuple((f.name, f.type) for f in dataclasses.fields(LossSpec))
+assert all(tp in _FLOAT_TYPES or tp in _KEY_TYPES for _, tp in _FIELDS), "a LossSpec field type the ops cannot pass"
+SPEC_SCHEMA = "str spec, float[] spec_values"
 
 
 def spec_args(spec: LossSpec):
-    """The op arguments of a ``LossSpec``: its field values, in order (enums as ints)."""
-    return tuple(int(v) if isinstance(v, enum.IntEnum) else v for v in (getattr(spec, f.name) for f in _FIELDS))
+    """The op arguments of a ``LossSpec``: (its non-float fields joined by ';' (enums as ints, an
+    absent optional float as "None"), its float fields in order (0.0 for an absent one))."""
+    key, values = [], []
+    for name, tp in _FIELDS:
+        v = getattr(spec, name)
+        if tp in _FLOAT_TYPES:
+            key.append("None" if v is None else "")
+            values.append(0.0 if v is None else v)
+        else:
+            key.append(str(int(v)) if isinstance(v, enum.IntEnum) else str(v))
+    return ";".join(key), values
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode(key, values) -> LossSpec:
+    fields, floats = [], iter(values)
+    for (_, tp), k in zip(_FIELDS, key.split(";")):
+        if tp in _FLOAT_TYPES:
+            v = next(floats)  # one value per float field, absent or not
+            fields.append(None if k == "None" else v)
+        else:
+            fields.append(_KEY_TYPES[tp](k))
+    return LossSpec(*fields)
 
 
 def spec_from_args(args) -> LossSpec:
-    return LossSpec(*(f.type(v) if isinstance(f.type, type) and issubclass(f.type, enum.IntEnum) else v
-                      for f, v in zip(_FIELDS, args)))
+    """The ``LossSpec`` of ``spec_args``' output (``args`` = (spec, spec_values))."""
+    key, values = args
+    return _decode(key, tuple(values))
 
 
 def define(name, schema, fn, fake, mutates=()):
@@ -77,8 +106,6 @@ def _policy_forward(logits, labels, advantages, old_logprobs, ref_logprobs, igno
     rows, stats = IMPLS[backend].forward_rows(as_rows3d(logits), labels, advantages, old_logprobs, ref_logprobs,
                                               spec_from_args(spec), ignore_index, need_entropy or with_stats,
                                               with_stats)
-    if not (need_entropy or with_stats):
-        rows[:, ROW["ent_mask"]:] = 0  # left unwritten by the sweeps; an op's outputs must be well defined
     entropy = rows[:, ROW["entropy"]].clone() if need_entropy else rows.new_empty(0)
     return rows[:, ROW["loss"]].clone(), entropy, rows, rows.new_empty(0) if stats is None else stats
 

@@ -78,24 +78,18 @@ def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ig
               with_stats):
     """(rows, stats) from (combined) partials; see triton_backend.forward_rows."""
     cdt = partials.dtype
-    col = {name: partials[:, k] for name, k in PART.items()}
-    valid = labels != ignore_index
-    adv = advantages.to(cdt)
+    col = dict(zip(PARTIALS, partials.unbind(1)))
     old = old_logprobs.to(cdt) if spec.has_old else None
     ref = ref_logprobs.to(cdt) if spec.has_ref else None
-    (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped) = row_head(
-        col["z_i"], col["m"], col["s"], col["u"], col["q"], valid, col["owned"] > 0.5, adv, old, ref, spec,
-        need_entropy)
-    out = dict(loss=loss, alpha=alpha, m=col["m"], log_s=torch.log(col["s"]), ent_mask=ent_mask, log_p=log_p,
-               log_1mp=log_1mp, entropy=entropy)
-    rows = torch.stack([out[name] for name in ROW_STATE], dim=1)
-    stats = None
-    if with_stats:
-        named = dict(logprobs=log_p, entropy=entropy, logit_grad_norm=grad_norm, target_prob=target,
-                     clamped=clamped.to(cdt), clipped=clipped.to(cdt))
-        stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32
-                                                                           else cdt)
-    return rows, stats
+    table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], labels != ignore_index,
+                                       col["owned"] > 0.5, advantages.to(cdt), old, ref, spec, need_entropy,
+                                       with_stats)
+    if not with_stats:
+        return table, None
+    named = dict(logprobs=table[:, ROW["log_p"]], entropy=table[:, ROW["entropy"]], logit_grad_norm=table[:, -2],
+                 target_prob=table[:, -1], clamped=clamped.to(cdt), clipped=clipped.to(cdt))
+    stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32 else cdt)
+    return table[:, :len(ROW_STATE)].contiguous(), stats
 
 
 def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
