@@ -77,8 +77,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         rows, entropy, _, stats = ops.policy_forward(
             logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
             flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index),
-            return_entropy or spec.has_entropy_term, return_stats, inplace_backward, ops.backend_name(impl),
-            *ops.spec_args(spec))
+            *ops.policy_args(spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
+                             ops.backend_name(impl)))
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
