@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # For a lent GPU: the tests on CUDA, then the benchmark suite; everything lands under $OUT.
-# Needs only the machine's torch and triton (liger-kernel and matplotlib are used when present).
-# Budget: under 8 minutes on one H200.
+# Needs only the machine's torch, triton and pytest: every other package is optional, and a part that
+# needs a missing one is skipped and named in the summary (no network there: nothing is installed).
+# Every part runs whatever an earlier one did (no -x); the last lines say which passed, failed or skipped.
+# Budget: under 8 minutes on one H200. PYTEST_ARGS (default: tests) and BENCH_ARGS (default: none, e.g.
+# --quick) narrow the two long parts, for a try-out of this script elsewhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee "$OUT/versions.txt"
 
+echo "== optional packages (a missing one skips only what needs it) =="
+python - <<'PY' 2>&1 | tee "$OUT/optional.txt"
+import importlib.util
+NEEDED_BY = {"hypothesis": "tests/test_properties.py", "trl": "the TRL integration tests",
+             "transformers": "the TRL integration tests", "verl": "the verl integration and GSPO parity tests",
+             "liger_kernel": "the benchmark's Liger anchor", "matplotlib": "the benchmark's plots"}
+for name, what in NEEDED_BY.items():
+    print(f"{name:>13}: {'present' if importlib.util.find_spec(name) else 'missing, skips ' + what}")
+PY
+
 echo "== tests on CUDA =="
-timeout 240 python -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -15
+# -rs: the summary names every skipped test and its reason (a missing package, no second GPU, ...)
+timeout 300 python -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -40
 tests_rc=${PIPESTATUS[0]}
 
 echo "== CUDA graph: capture forward + backward once, replay on new inputs, compare with eager =="
@@ -70,7 +84,17 @@ PY
 graph_rc=${PIPESTATUS[0]}
 
 echo "== benchmark =="
-timeout 300 python -m bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
+timeout 300 python -m bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
-echo "tests exit $tests_rc, CUDA graph exit $graph_rc, bench exit $bench_rc" | tee "$OUT/status.txt"
+
+echo "== summary =="
+verdict() { case "$1" in 0) echo passed ;; 5) echo "no tests ran" ;; 124) echo "timed out" ;; *) echo "failed (exit $1)" ;; esac; }
+{
+  echo "tests: $(verdict "$tests_rc"): $(grep -E '(passed|failed|skipped|error).* in [0-9.]+s' "$OUT/pytest.txt" | tail -1)"
+  echo "CUDA graph: $(verdict "$graph_rc")"
+  echo "bench: $(verdict "$bench_rc")"
+  grep -E '^SKIPPED' "$OUT/pytest.txt" | sed 's/^/  skipped test: /'
+  grep -E 'missing, skips' "$OUT/optional.txt" | sed 's/^ */  skipped part: /'
+  grep -E 'plots skipped|not measured|not importable' "$OUT/bench.txt" | sed 's/^/  skipped in the bench: /'
+} | tee "$OUT/status.txt"
 [ "$tests_rc" = 0 ] && [ "$graph_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -3,6 +3,7 @@ import collections
 import json
 import math
 import os
+import statistics
 
 MiB = 2 ** 20
 
@@ -14,68 +15,181 @@ def _by_shape(records):
     return groups
 
 
+def timing_header(records, device_kind, repeats, copy_bw=None):
+    """The main table's title and how to read it: what each variant is, what "time ÷ ours" means."""
+    from bench.variants import DESCRIPTIONS
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    if device_kind == "cpu":
+        head = ("## Forward + backward at large shapes, side by side (CPU)\n\n"
+                f"float32, one thread. Each shape's variants are timed in {repeats} interleaved rounds in one fresh "
+                "process (each round times every variant once), then again in a second fresh process with heap "
+                "allocations forced (`MALLOC_MMAP_THRESHOLD_` = `MALLOC_TRIM_THRESHOLD_` = 4e9). **time ÷ ours** = "
+                "the variant's fastest time ÷ ours's fastest time in the same process: below 1 the variant is "
+                "faster than ours, above 1 slower. Read the heap-forced column for the arithmetic: with glibc's "
+                "defaults an allocation above its mmap threshold (32 MiB at most) is freshly mapped and faulted in "
+                "on every call, which slows eager PyTorch's N×V temporaries but not ours (a gradient and 4 MiB "
+                "chunk buffers); a long-running trainer's allocator keeps such memory, as the heap-forced setting "
+                "does. min / median / max: the variant's own times with glibc's defaults; spread = max ÷ min, "
+                f"above {NOISY:g} the case was disturbed (**noisy**) and its ratios are less sure. Extra memory: "
+                "peak RSS of a fresh process beyond its inputs.")
+    else:
+        head = (f"## Forward + backward on the GPU (triton.testing.do_bench; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+                "measured in this run)\n\n"
+                "**time ÷ ours** = the variant's median ÷ ours's median: below 1 the variant is faster, above 1 "
+                "slower. GB/s counts 3·N·V elements (read the logits, write the gradient, read them once more); "
+                "× copy-bound = time ÷ the time to move those bytes at copy bandwidth (1 = as fast as a copy). "
+                f"min / median / max over do_bench's timings; spread = max ÷ min, above {NOISY:g} **noisy**.")
+    return head + "\n\n" + "\n".join(f"- {v}: {DESCRIPTIONS.get(v, v)}" for v in variants)
+
+
+def _ms(seconds):
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def _min_med_max(r):
+    return " / ".join(_ms(r[k]) for k in ("min_s", "median_s", "max_s"))
+
+
 def timing_table(records, device_kind, copy_bw=None):
-    """CPU: time and extra memory as ratios to ours. CUDA: absolute figures from the GPU as well."""
+    """CPU: time (glibc's default and heap allocations forced) and extra memory as ratios to ours, with
+    min / median / max and the spread. CUDA: absolute figures from the GPU as well."""
     lines = []
     if device_kind == "cpu":
-        lines.append("| dtype | N | V | variant | time ÷ ours | extra memory ÷ ours | extra memory |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| dtype | N | V | variant | time ÷ ours | time ÷ ours, heap forced | min / median / max ms "
+                     "| spread | extra memory ÷ ours | extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     else:
-        lines.append("| dtype | N | V | variant | median ms | time ÷ ours | GB/s (3·N·V) | × copy-bound time "
-                     "| peak extra memory |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| dtype | N | V | variant | min / median / max ms | spread | time ÷ ours | GB/s (3·N·V) "
+                     "| × copy-bound time | peak extra memory |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (dtype, n, vocab), variants in _by_shape(records).items():
         ours = variants.get("ours", {})
         for name, r in variants.items():
             if "error" in r:
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['error']} |" + " |" * (2 if device_kind == "cpu" else 4))
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['error']} |" + " |" * 5)
                 continue
-            t_ratio = r["median_s"] / ours["median_s"] if "median_s" in ours else float("nan")
             mem = r.get("extra_bytes")
             mem_s = f"{mem / MiB:.1f} MiB" if mem is not None else "–"
             if device_kind == "cpu":
+                t_ratio = r["min_s"] / ours["min_s"] if "min_s" in ours else float("nan")
+                heap, ours_heap = r.get("heap_times_s"), ours.get("heap_times_s")
+                h_ratio = f"{min(heap) / min(ours_heap):.2f}" if heap and ours_heap else "–"
                 m_ratio = (mem / ours["extra_bytes"]) if mem is not None and ours.get("extra_bytes") else float("nan")
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {t_ratio:.2f} | {m_ratio:.2f} | {mem_s} |")
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {t_ratio:.2f} | {h_ratio} | {_min_med_max(r)} | "
+                             f"{spread_cell(r)} | {m_ratio:.2f} | {mem_s} |")
             else:
+                t_ratio = r["median_s"] / ours["median_s"] if "median_s" in ours else float("nan")
                 elem = 2 if dtype in ("bfloat16", "float16") else 4
                 moved = 3 * n * vocab * elem
                 bw = moved / r["median_s"]
                 bound = r["median_s"] / (moved / copy_bw)
-                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {r['median_s'] * 1e3:.3f} | {t_ratio:.2f} | "
-                             f"{bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
+                lines.append(f"| {dtype} | {n} | {vocab} | {name} | {_min_med_max(r)} | {spread_cell(r)} | "
+                             f"{t_ratio:.2f} | {bw / 1e9:.0f} | {bound:.2f} | {mem_s} |")
+    return "\n".join(lines)
+
+
+NOISY = 2.0  # a case whose slowest timing exceeds twice its fastest is flagged
+
+
+def spread(r):
+    """max ÷ min of a record's timings; a case above ``NOISY`` was disturbed (a shared, loaded machine)."""
+    times = r.get("times_s") or []
+    return max(times) / min(times) if times and min(times) > 0 else float("nan")
+
+
+def spread_cell(r):
+    s = spread(r)
+    return f"{s:.1f}" + (" **noisy**" if s > NOISY else "")
+
+
+def load_line(start, end):
+    """The machine's load average (1, 5, 15 minutes) at the start and the end of a measurement."""
+    fmt = lambda t: " / ".join(f"{x:.2f}" for x in t)  # noqa: E731
+    return f"Machine load average (1 / 5 / 15 min) {fmt(start)} at the start, {fmt(end)} at the end"
+
+
+def fixed_cost_header(device_kind, threads, repeats, load_start, load_end, variants=None):
+    from bench.fixed_cost import VARIANTS
+    from bench.variants import DESCRIPTIONS
+    where = f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device_kind == "cpu" else "GPU"
+    return ("## Fixed cost per call: forward + backward at small shapes\n\n"
+            f"µs per forward + backward of one call ({where}, float32), the minimum over {repeats} interleaved "
+            "rounds in one fresh process (each round times every variant once; a timing is the mean of enough "
+            "back-to-back calls to last about 10 ms). At these shapes host work (argument checks, op dispatch, "
+            "the per-row head) weighs as much as the arithmetic. A ratio is our time ÷ the other's: below 1 "
+            "we are faster, above 1 slower. " + load_line(load_start, load_end) + ".\n\n"
+            + "\n".join(f"- {_LABELS[v]}: {DESCRIPTIONS[v]}" for v in variants or VARIANTS) + "\n")
+
+
+_LABELS = {"ours": "lco_loss", "eager": "eager", "torch.compile": "torch.compile(plain LCO)",
+           "ours-sft": "sft_loss", "cross-entropy": "F.cross_entropy", "ours-inplace": "lco_loss in place",
+           "reference": "float64 reference"}
+
+
+def fixed_cost_table(records):
+    """The summary (minimum µs and our ratios, one line per shape), then every variant's min / median / max."""
+    by = _by_shape(records)
+
+    def us(r):
+        return f"{min(r['times_s']) * 1e6:.0f}" if r.get("times_s") else r.get("error", "–")
+
+    def ratio(a, b):
+        return f"{min(a['times_s']) / min(b['times_s']):.2f}" if a.get("times_s") and b.get("times_s") else "–"
+    lines = ["| N × V | lco_loss µs | plain LCO µs | torch.compile µs | lco_loss ÷ plain LCO "
+             "| lco_loss ÷ torch.compile | sft_loss µs | F.cross_entropy µs | sft_loss ÷ F.cross_entropy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, n, vocab), v in by.items():
+        ours, eager, comp, sft, ce = (v.get(k, {}) for k in ("ours", "eager", "torch.compile", "ours-sft",
+                                                              "cross-entropy"))
+        lines.append(f"| {n} × {vocab} | {us(ours)} | {us(eager)} | {us(comp)} | {ratio(ours, eager)} | "
+                     f"{ratio(ours, comp)} | {us(sft)} | {us(ce)} | {ratio(sft, ce)} |")
+    lines += ["", "| N × V | variant | min µs | median µs | max µs | calls per timing | spread (max ÷ min) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, n, vocab), v in by.items():
+        for name, r in v.items():
+            if not r.get("times_s"):
+                lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | {r.get('error', '–')} | | | | |")
+                continue
+            t = sorted(r["times_s"])
+            lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | {t[0] * 1e6:.0f} | "
+                         f"{statistics.median(t) * 1e6:.0f} | {t[-1] * 1e6:.0f} | {r['inner']} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 
 def linear_table(records, device_kind):
-    """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU) or absolute (GPU)."""
+    """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU: of medians)
+    and min / median / max ms with the spread."""
     lines = ["| variant | N | H | V | dtype | extra memory | memory ÷ unfused | "
-             + ("time ÷ unfused |" if device_kind == "cpu" else "median ms |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + ("time ÷ unfused | " if device_kind == "cpu" else "") + "min / median / max ms | spread |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if device_kind == "cpu" else "")]
     unfused = next((r for r in records if r["variant"] == "unfused-linear"), {})
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['error']} | | |")
+            lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | {r['error']} | | | |"
+                         + (" |" if device_kind == "cpu" else ""))
             continue
         mem = r["extra_bytes"] / unfused["extra_bytes"] if unfused.get("extra_bytes") else float("nan")
-        last = (f"{r['median_s'] / unfused['median_s']:.2f}" if device_kind == "cpu" and unfused.get("median_s")
-                else f"{r['median_s'] * 1e3:.1f}")
+        ratio = (f"{r['median_s'] / unfused['median_s']:.2f} | " if unfused.get("median_s") else "– | ") \
+            if device_kind == "cpu" else ""
         lines.append(f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} | "
-                     f"{r['extra_bytes'] / MiB:.0f} MiB | {mem:.3f} | {last} |")
+                     f"{r['extra_bytes'] / MiB:.0f} MiB | {mem:.3f} | {ratio}{_min_med_max(r)} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 
 def compiled_step_table(records, device_kind):
-    """Compiled model step with our loss vs with the plain PyTorch LCO: time as a ratio to ours (and ms on a GPU)."""
-    lines = ["| variant | N | H | V | dtype | time ÷ ours |" + (" median ms |" if device_kind != "cpu" else ""),
-             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if device_kind != "cpu" else "")]
+    """Compiled model step with our loss vs with the plain PyTorch LCO: time as a ratio of medians to ours,
+    and min / median / max ms with the spread."""
+    lines = ["| variant | N | H | V | dtype | time ÷ ours | min / median / max ms | spread |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     ours = next((r for r in records if r["variant"] == "compiled-ours"), {})
     for r in records:
         head = f"| {r['variant']} | {r['N']} | {r['H']} | {r['V']} | {r['dtype']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} |" + (" |" if device_kind != "cpu" else ""))
+            lines.append(f"{head} {r['error']} | | |")
             continue
         ratio = r["median_s"] / ours["median_s"] if ours.get("median_s") else float("nan")
-        lines.append(f"{head} {ratio:.2f} |" + (f" {r['median_s'] * 1e3:.2f} |" if device_kind != "cpu" else ""))
+        lines.append(f"{head} {ratio:.2f} | {_min_med_max(r)} | {spread_cell(r)} |")
     return "\n".join(lines)
 
 

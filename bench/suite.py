@@ -11,13 +11,11 @@ import time
 
 import torch
 
+from bench import timing_worker
+from bench.progress import Progress, log  # noqa: F401 - log: the suite's stderr, used by bench.__main__
 from bench.variants import liger_available, make, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _inputs(n, vocab, dtype, device):
@@ -44,22 +42,20 @@ def _times(one, device, repeats):
 
 
 def time_case(variant, n, vocab, dtype, device, repeats):
-    """Times (seconds) of forward + backward; the first call (warm-up, compilation) is not timed.
-    On CUDA also the peak memory of one more call beyond its inputs (torch.cuda.max_memory_allocated)."""
-    fn = make(variant, "triton" if device == "cuda" else "torch")
+    """CUDA: times (seconds, triton's do_bench) of forward + backward after a warm-up call (compilation),
+    and the peak memory of one more call beyond its inputs (torch.cuda.max_memory_allocated)."""
+    fn = make(variant, "triton")
     logits, labels, adv = _inputs(n, vocab, dtype, device)
     step(fn, logits, labels, adv)
     times = _times(lambda: step(fn, logits, labels, adv), device, repeats)
-    if device == "cuda":
-        logits.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(fn, logits, labels, adv)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return times, {"peak_bytes": peak, "extra_bytes": peak - base}
-    return times, None
+    logits.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(fn, logits, labels, adv)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return times, {"peak_bytes": peak, "extra_bytes": peak - base}
 
 
 def memory_case(variant, n, vocab, dtype, device, hidden_size=0):
@@ -73,29 +69,49 @@ def memory_case(variant, n, vocab, dtype, device, hidden_size=0):
 
 
 def run_cases(cases, device, repeats):
-    """cases: (variant, N, V, dtype). Returns one record per case; failures are recorded, not raised."""
+    """cases: (variant, N, V, dtype). Returns one record per case; failures are recorded, not raised.
+
+    CPU: the timings come from two fresh one-thread processes (``bench.timing_worker``, interleaved
+    rounds), one with glibc's default allocator and one with heap allocations forced (its times in
+    ``heap_times_s``; not for the float64 reference), then the memory from a fresh process per case."""
+    timed = {}
+    if device == "cpu":
+        shapes = list(dict.fromkeys((n, vocab) for _, n, vocab, _ in cases))
+        plan = [(n, vocab, [v for v, n2, v2, _ in cases if (n2, v2) == (n, vocab)]) for n, vocab in shapes]
+        log(f"timing: {len(shapes)} shapes × their variants, glibc's default allocator (a fresh process) ...")
+        for r in timing_worker.run(plan, repeats, label="default allocator "):
+            timed[r["variant"], r["N"], r["V"]] = r
+        log("timing again with heap allocations forced (a fresh process) ...")
+        heap_plan = [(n, vocab, [v for v in vs if v != "reference"]) for n, vocab, vs in plan]
+        for r in timing_worker.run(heap_plan, repeats, heap=True, label="heap forced "):
+            timed[r["variant"], r["N"], r["V"]]["heap_times_s"] = r["times_s"]
+    progress = Progress("memory" if device == "cpu" else "case", len(cases))
     records = []
-    for k, (variant, n, vocab, dtype) in enumerate(cases, 1):
+    for variant, n, vocab, dtype in cases:
         rec = dict(variant=variant, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
 
         def measure():
-            times, memory = time_case(variant, n, vocab, dtype, device, repeats)
-            # CPU: peak RSS of a fresh process per variant; CUDA: measured in-process by time_case
-            return times, memory or memory_case(variant, n, vocab, dtype, device)
-        seconds = _record(rec, device, measure)
-        log(f"[{k}/{len(cases)}] {variant:>14} N={n:<6} V={vocab:<7} {rec['dtype']:<9} "
-            + (f"median {rec['median_s'] * 1e3:9.2f} ms" if "median_s" in rec else rec.get("error", ""))
-            + (f"  extra memory {rec['extra_bytes'] / 2**20:8.1f} MiB" if "extra_bytes" in rec else "")
-            + f"  ({seconds:.1f} s)")
+            if device == "cpu":
+                t = timed[variant, n, vocab]
+                if "error" in t:
+                    raise RuntimeError(t["error"])
+                # CPU: peak RSS of a fresh process per variant
+                return t["times_s"], dict(memory_case(variant, n, vocab, dtype, device), threads=t["threads"],
+                                          inner=t["inner"], heap_times_s=t.get("heap_times_s"))
+            return time_case(variant, n, vocab, dtype, device, repeats)  # CUDA: memory measured in-process
+        with progress.step(f"{variant} N={n} V={vocab} {rec['dtype']}"):
+            _record(rec, device, measure)
+        log(f"    {variant} N={n} V={vocab}: "
+            + (f"min {rec['min_s'] * 1e3:.2f} ms, median {rec['median_s'] * 1e3:.2f} ms" if "median_s" in rec
+               else rec.get("error", ""))
+            + (f", extra memory {rec['extra_bytes'] / 2**20:.1f} MiB" if "extra_bytes" in rec else ""))
         records.append(rec)
     return records
 
 
 def _record(rec, device, measure):
     """``measure()`` → (times, other fields) into ``rec`` as times_s / min_s / median_s / max_s and the
-    fields, or its error (an OOM, a compile failure or a missing anchor is a result, not a crash).
-    Returns the seconds it took."""
-    t0 = time.perf_counter()
+    fields, or its error (an OOM, a compile failure or a missing anchor is a result, not a crash)."""
     try:
         times, fields = measure()
         rec.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times), **fields)
@@ -103,7 +119,6 @@ def _record(rec, device, measure):
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if device == "cuda":
         torch.cuda.empty_cache()
-    return time.perf_counter() - t0
 
 
 def linear_cases(quick, device):
@@ -132,18 +147,20 @@ def _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats):
 
 def run_linear(cases, device, repeats):
     from bench.variants import linear_variant
+    progress = Progress("linear", len(cases))
     records = []
-    for k, (variant, n, hidden_size, vocab, dtype) in enumerate(cases, 1):
+    for variant, n, hidden_size, vocab, dtype in cases:
         rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype=str(dtype).replace("torch.", ""), device=device)
 
         def measure():
             memory = memory_case(variant, n, vocab, dtype, device, hidden_size)
             fn = linear_variant(variant, "triton" if device == "cuda" else "torch")
             return _time_linear(fn, n, hidden_size, vocab, dtype, device, repeats), memory
-        seconds = _record(rec, device, measure)
-        log(f"[linear {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} {rec['dtype']} "
-            + (f"median {rec['median_s'] * 1e3:.1f} ms, extra memory {rec['extra_bytes'] / 2**20:.0f} MiB"
-               if "median_s" in rec else rec.get("error", "")) + f"  ({seconds:.1f} s)")
+        with progress.step(f"{variant} N={n} H={hidden_size} V={vocab} {rec['dtype']}: memory in a fresh process, "
+                           f"then a warm-up and {repeats} timed calls"):
+            _record(rec, device, measure)
+        log(f"    {variant}: " + (f"median {rec['median_s'] * 1e3:.1f} ms, extra memory "
+                                  f"{rec['extra_bytes'] / 2**20:.0f} MiB" if "median_s" in rec else rec.get("error", "")))
         records.append(rec)
     return records
 
@@ -187,16 +204,16 @@ def _time_compiled_step(variant, n, hidden_size, vocab, device, repeats):
 
 
 def run_compiled_steps(cases, device, repeats):
+    progress = Progress("compiled", len(cases))
     records = []
-    for k, (variant, n, hidden_size, vocab) in enumerate(cases, 1):
+    for variant, n, hidden_size, vocab in cases:
         rec = dict(variant=variant, N=n, H=hidden_size, V=vocab, dtype="float32", device=device)
 
         def measure():
             return _time_compiled_step(variant, n, hidden_size, vocab, device, repeats), {}
-        seconds = _record(rec, device, measure)
-        log(f"[compiled {k}/{len(cases)}] {variant:>14} N={n} H={hidden_size} V={vocab} "
-            + (f"median {rec['median_s'] * 1e3:.1f} ms" if "median_s" in rec else rec.get("error", ""))
-            + f"  ({seconds:.1f} s, compile included)")
+        with progress.step(f"{variant} N={n} H={hidden_size} V={vocab}: compile, then {repeats} timed steps"):
+            _record(rec, device, measure)
+        log(f"    {variant}: " + (f"median {rec['median_s'] * 1e3:.1f} ms" if "median_s" in rec else rec.get("error", "")))
         records.append(rec)
     return records
 
@@ -240,13 +257,18 @@ def cpu_plan(quick):
         shapes = [(64, 32000)]
     else:
         shapes = [(256, 32000), (256, 128256), (256, 151936), (64, 32000), (1024, 32000)]
-    return [(v, n, vocab, torch.float32) for n, vocab in shapes for v in variants]
+    # the float64 reference is a correctness anchor, seconds per call at the large shapes: the small one only
+    return [(v, n, vocab, torch.float32) for n, vocab in shapes for v in variants
+            if v != "reference" or n * vocab <= 64 * 32000]
 
 
 def cuda_plan(quick):
     variants = ["ours", "ours-inplace", "torch.compile", "reference"]
-    if liger_available() is None:
+    missing = liger_available()
+    if missing is None:
         variants.append("liger-ce")
+    else:
+        log(f"liger-ce skipped: {missing}")
     vocabs = [32000, 128256, 151936, 262144]
     ns = [1024, 4096, 16384]
     if quick:

@@ -6,7 +6,8 @@ reference sit side by side in pytest-benchmark's table. Not part of the default 
 import pytest
 import torch
 
-from bench.variants import make, step
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark (the bench extra) provides the benchmark fixture")
+from bench.variants import make, step  # noqa: E402
 
 SHAPES = [(256, 32000), (64, 151936)]
 VARIANTS = ["ours", "ours-inplace", "eager", "reference"]

@@ -3,7 +3,7 @@ forward + backward of the LCO loss (or, for the Liger anchor, cross-entropy) on 
 import torch
 
 import reference
-from lco_kernels import lco_loss
+from lco_kernels import lco_loss, sft_loss
 
 
 def plain_lco(logits, labels, advantages, rho_pos=1.8, rho_neg=0.9):
@@ -42,6 +42,20 @@ def liger_ce(logits, labels, advantages):
     return out[0] if isinstance(out, tuple) else out
 
 
+# what each variant is, for the tables' headers (a newcomer reads these before any ratio)
+DESCRIPTIONS = {
+    "ours": "`lco_loss`, this library (on a CPU its PyTorch backend, on a GPU its Triton kernels)",
+    "ours-inplace": "`lco_loss(..., inplace_backward=True)`: the gradient overwrites the logits' memory",
+    "ours-sft": "`sft_loss`, this library's cross-entropy (−log p_i per token) on the same fused path",
+    "eager": "plain LCO, the paper's formula as a user writes it in PyTorch (`log_softmax`, `gather`, autograd; "
+             "`bench.variants.plain_lco`)",
+    "torch.compile": "`torch.compile` of plain LCO (dynamic shapes), timed after its compilation",
+    "cross-entropy": "`F.cross_entropy(logits, labels)`, PyTorch's fused cross-entropy: the anchor for `sft_loss`",
+    "reference": "`reference.lco_loss_reference`, the float64 reference: a correctness anchor, not a competitor",
+    "liger-ce": "Liger's fused cross-entropy on the same logits (another loss; a speed anchor)",
+}
+
+
 def make(name, backend):
     """fn(logits, labels, advantages) -> loss for a logits-level variant name."""
     if name == "ours":
@@ -49,6 +63,10 @@ def make(name, backend):
     if name == "ours-inplace":
         # the gradient overwrites the logits: feed a non-leaf view, as logits out of an LM head
         return lambda z, l, a: lco_loss(z.view_as(z), l, a, backend=backend, inplace_backward=True)
+    if name == "ours-sft":
+        return lambda z, l, a: sft_loss(z, l, backend=backend)
+    if name == "cross-entropy":
+        return lambda z, l, a: torch.nn.functional.cross_entropy(z, l)
     if name == "reference":
         return lambda z, l, a: reference.lco_loss_reference(z, l, a)
     if name == "eager":

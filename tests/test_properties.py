@@ -25,12 +25,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
-from hypothesis import strategies as st
 
-import reference
-from helpers import BACKENDS, GRAD_ATOL_FACTOR, GRAD_RTOL
-from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss
+pytest.importorskip("hypothesis", reason="hypothesis (the test extra) drives these property tests")
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import reference  # noqa: E402
+from helpers import BACKENDS, GRAD_ATOL_FACTOR, GRAD_RTOL  # noqa: E402
+from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # 1 and 2 (tiny), then each side of the power-of-two block boundaries the Triton sweep uses

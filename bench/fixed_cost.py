@@ -1,0 +1,51 @@
+"""The fixed cost per call: forward + backward at small and medium shapes, where host work (validation,
+op dispatch, the per-row head) weighs as much as the arithmetic.
+
+    python -m bench.fixed_cost [--repeats R] [--threads T] [--shapes 8x64,64x1024] [--no-compile]
+                                                        (also the first section of ``python -m bench``)
+
+µs per forward + backward of ``lco_loss``, ``sft_loss``, plain LCO, ``F.cross_entropy`` and
+``torch.compile`` of plain LCO at 8 × 64, 64 × 1024 and 256 × 4096 (float32), timed in one fresh
+process (``bench.timing_worker``: interleaved rounds, one thread on a CPU by default); every ratio
+is between minima of the same run.
+"""
+import argparse
+import os
+import sys
+
+SHAPES = [(8, 64), (64, 1024), (256, 4096)]
+VARIANTS = ["ours", "eager", "torch.compile", "ours-sft", "cross-entropy"]
+REPEATS = 21
+
+
+def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIANTS):
+    from bench import timing_worker
+    return timing_worker.run([(n, v, variants) for n, v in shapes], repeats, device=device, threads=threads,
+                             label="fixed cost ")
+
+
+def main(argv=None):
+    import torch
+
+    from bench import report
+    parser = argparse.ArgumentParser(prog="python -m bench.fixed_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"timed rounds (default {REPEATS})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker (default 1)")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{v}" for n, v in SHAPES),
+                        help="N×V shapes, comma-separated (default %(default)s)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out torch.compile of plain LCO (its compilation takes the most time)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    variants = [v for v in VARIANTS if not (args.no_compile and v == "torch.compile")]
+    load = os.getloadavg()
+    records = run(args.repeats, device, args.threads, shapes, variants)
+    print(report.fixed_cost_header(device, args.threads, args.repeats, load, os.getloadavg(), variants))
+    print(report.fixed_cost_table(records))
+    return 1 if any("error" in r and r["variant"] in ("ours", "ours-sft") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
