@@ -66,8 +66,14 @@ def spec_args(spec: LossSpec):
             key.append("None" if v is None else "")
             values.append(0.0 if v is None else v)
         else:
-            key.append(str(int(v)) if isinstance(v, enum.IntEnum) else str(v))
+            key.append(_flag(v) if tp is bool else str(int(v)) if isinstance(v, enum.IntEnum) else str(v))
     return ";".join(key), values
+
+
+def _flag(v):
+    # not str(v): under torch.compile a flag computed from a float option may be symbolic, and
+    # branching on it specialises it where str() would break the graph
+    return "True" if v else "False"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -111,7 +117,7 @@ def policy_args(spec, need_entropy, with_stats, inplace_backward, backend):
     """(config, spec_values): the policy ops' non-tensor arguments after ``ignore_index``; the
     options travel in the spec's key string (one argument, not four: see ``SPEC_SCHEMA``)."""
     key, values = spec_args(spec)
-    return "|".join([key, str(need_entropy), str(with_stats), str(inplace_backward), backend]), values
+    return "|".join([key, _flag(need_entropy), _flag(with_stats), _flag(inplace_backward), backend]), values
 
 
 @functools.lru_cache(maxsize=1024)
