@@ -166,8 +166,8 @@ def pg_loss(logits, labels, advantages, *, ref_logprobs=None, beta=0.0, kl_type=
 
 
 def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, epsilon_high=EPSILON, dual_clip=None,
-             ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
-             reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
+             ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0,
+             ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
              inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
     """PPO / GRPO clipped surrogate (PG-IS), as verl's ``compute_policy_loss`` writes it.
 
