@@ -88,16 +88,19 @@ def kl_penalty(logp, ref_logp, kl_type="k3"):
 
 def policy_loss_reference(kind, logits, labels, advantages=None, old_logprobs=None, *, ref_logprobs=None,
                           ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, rho_pos=1.8,
-                          rho_neg=0.9, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, beta=0.0, kl_type="k3",
+                          rho_neg=0.9, epsilon_low=None, epsilon_high=0.2, dual_clip=None, beta=0.0, kl_type="k3",
                           bias_correction_kl=False, tau_pos=1.0, tau_neg=1.05, divergence="tv", delta_low=0.2,
                           delta_high=0.2, clip_ratio_c=3.0, dro_beta=None, temperature=1.0, entropy_coef=0.0,
                           token_count=None, seq_count=None):
     """(per-token loss, aggregated loss) in float64; differentiable w.r.t. ``logits``.
 
     kind: "sft" | "pg" | "ppo" | "cispo" | "lco" ("lco" with ``old_logprobs`` is PPO+LCO) | "sapo" |
-    "dppo" | "dro". ``epsilon_low=None`` for "cispo" is the one-sided cap. ``bias_correction_kl``:
-    the KL term times the differentiable ratio p_i / p_old (TRL's use_bias_correction_kl).
+    "dppo" | "dro". ``epsilon_low=None``: the one-sided cap for "cispo", 0.2 for the others (as the
+    library). ``bias_correction_kl``: the KL term times the differentiable ratio p_i / p_old (TRL's
+    use_bias_correction_kl).
     """
+    if epsilon_low is None and kind != "cispo":
+        epsilon_low = 0.2
     mask = labels != ignore_index
     if loss_mask is not None:
         mask = mask & (loss_mask != 0)

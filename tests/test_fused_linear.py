@@ -66,9 +66,8 @@ def test_parity_every_reduction(backend, dtype, chunk_size, device):
         assert h.grad.dtype == dtype and w.grad.dtype == dtype and b.grad.dtype == dtype
 
 
-# options beside the defaults: CISPO's one-sided cap (the reference's default is two-sided), DRO's
-# required β, DPPO's other divergence
-OPTIONS = {"cispo": {"epsilon_low": None}, "dro": {"dro_beta": 0.4}, "dppo": {"divergence": "kl", "delta_high": 0.05}}
+# options beside the defaults: DRO's required β, DPPO's other divergence
+OPTIONS = {"dro": {"dro_beta": 0.4}, "dppo": {"divergence": "kl", "delta_high": 0.05}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
