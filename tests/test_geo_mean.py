@@ -160,3 +160,28 @@ def test_bad_input():
         geo_mean_loss(logits, labels, adv, old, seq_count=0)
     with pytest.raises(ValueError, match="ref_logprobs"):
         fused_linear_geo_mean_loss(torch.randn(2, 3, 4), torch.randn(20, 4), labels, adv, old, beta=0.1)
+
+
+def test_signatures_of_the_losses_on_token_logprobs_cannot_drift():
+    """Every loss written on token log-probs (sequence.py, batch_selected.py, rollout_correction.py) takes the
+    options it shares with ``ppo_loss`` (KL, temperature, entropy, masking, counts, backend, stats) with
+    ppo_loss's defaults, plus ``bias_correction_kl=False``; each fused-linear form takes exactly its logits
+    form's options plus bias / chunk_size / accum_dtype, with the same defaults."""
+    import inspect
+
+    import lco_kernels
+
+    def options(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+    ppo = options(lco_kernels.ppo_loss)
+    shared = {n: ppo[n] for n in ("ref_logprobs", "beta", "kl_type", "bias_correction_kl", "temperature",
+                                  "entropy_coef", "ignore_index", "loss_mask", "max_length", "token_count",
+                                  "seq_count", "backend", "return_stats")}
+    assert shared["bias_correction_kl"] is False
+    for name in ("gspo", "geo_mean", "vespo", "clip_cov", "kl_cov", "bypass_mode"):
+        ours = options(getattr(lco_kernels, f"{name}_loss"))
+        assert {n: ours.get(n, "missing") for n in shared} == shared, name
+        if name in ("gspo", "geo_mean", "vespo"):
+            linear = options(getattr(lco_kernels, f"fused_linear_{name}_loss"))
+            assert linear == {**ours, "bias": None, "chunk_size": None, "accum_dtype": torch.float32}, name

@@ -176,6 +176,25 @@ def test_fused_linear_parity_with_liger_module(backend):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_against_float64(backend):
+    """logit_grad_norm: ‖∂ℓ_t/∂z_t‖ of each token's own VESPO and bias-corrected KL terms (φ is detached, so the
+    float64 gradient of TRL's unreduced loss summed holds it in row t); no clipped; logprobs and entropy."""
+    torch.manual_seed(5)
+    logits, labels, adv, old, ref, sampler = vespo_inputs()
+    valid = labels != -100
+    z = logits.double().requires_grad_(True)
+    per_token_sum = trl_loss(z, labels, adv, old, ref, sampler, 0.1, True) * valid.sum()
+    (grad,) = torch.autograd.grad(per_token_sum, z)
+    _, stats = vespo_loss(logits, labels, adv, old, sampler_ratio=sampler, ref_logprobs=ref, beta=0.1,
+                          bias_correction_kl=True, backend=backend, return_stats=True)
+    norm = torch.where(valid, grad.norm(dim=-1), 0.0)
+    torch.testing.assert_close(stats.logit_grad_norm.double(), norm, rtol=1e-5, atol=1e-6 * float(norm.max()))
+    logp = reference.token_logprobs(logits.double(), labels, -100)
+    torch.testing.assert_close(stats.logprobs.double(), torch.where(valid, logp, 0.0), rtol=1e-5, atol=1e-6)
+    assert stats.clipped is None
+
+
 def test_bad_input():
     logits, labels, adv, old, _, sampler = vespo_inputs(B=2, T=3, V=20)
     for name in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):

@@ -196,7 +196,7 @@ def _bypass_head(loss_type, epsilon_low, epsilon_high, clip_ratio_c, correction,
         # the policy term's normalisers count the kept tokens (verl's modified response mask); a seq-* mode
         # without seq_count counts the sequences with a kept token, as verl's agg_loss
         if seq_count is None and reduction.startswith("seq-"):
-            rows = kept.reshape(-1, kept.shape[-1]).any(-1)
+            rows = kept.reshape(-1, kept.shape[-1] if kept.dim() else 1).any(-1)
             n_seqs = rows.sum().clamp(min=1)
         else:
             n_seqs = seq_count
