@@ -24,9 +24,11 @@ setup(
         # lco_kernels.integrations.trl / .verl, at the versions their tests run against. verl itself is
         # installed apart, `pip install --no-deps verl==0.9.1`: its own requirements (vLLM, wandb, a
         # transformers < 5.11, ...) are a training stack; `verl.trainer.ppo.core_algos` and
-        # `verl.workers.utils.losses` need only the four listed after it here.
+        # `verl.workers.utils.losses` need only the four listed after it here. peft: LoRA adapters through
+        # TRL's peft_config (tests/test_integrations_peft.py), and verl's FSDP engine imports it.
         "integrations": ["trl==1.16.0", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0",
-                         "ray==2.60.0", "tensordict==0.10.0", "omegaconf==2.4.0", "codetiming==1.4.0"],
+                         "ray==2.60.0", "tensordict==0.10.0", "omegaconf==2.4.0", "codetiming==1.4.0",
+                         "peft==0.21.2"],
         # the documentation site (docs/, mkdocs.yml): MkDocs with the Material theme, the API reference
         # from the docstrings (mkdocstrings + griffe; ruff formats the signatures), math through
         # pymdownx.arithmatex (KaTeX itself is vendored under docs/assets/katex/)

@@ -17,9 +17,11 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 echo "== optional packages (a missing one skips only what needs it) =="
 python - <<'PY' 2>&1 | tee "$OUT/optional.txt"
 import importlib.util
-NEEDED_BY = {"hypothesis": "tests/test_properties.py", "trl": "the TRL integration tests",
-             "transformers": "the TRL integration tests", "verl": "the verl integration and GSPO parity tests",
-             "liger_kernel": "the benchmark's Liger anchor", "matplotlib": "the benchmark's plots"}
+NEEDED_BY = {"hypothesis": "tests/test_properties.py", "trl": "the TRL integration and parity tests",
+             "transformers": "the TRL integration tests", "peft": "the PEFT integration tests",
+             "verl": "the verl integration and parity tests",
+             "liger_kernel": "the Liger parity tests and the benchmark's Liger anchor",
+             "matplotlib": "the benchmark's plots"}
 for name, what in NEEDED_BY.items():
     print(f"{name:>13}: {'present' if importlib.util.find_spec(name) else 'missing, skips ' + what}")
 PY

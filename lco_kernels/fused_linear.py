@@ -402,7 +402,12 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
 
     Args:
         hidden: (..., H) last hidden states.
-        weight: (V, H) LM-head weight (this rank's rows with ``process_group``).
+        weight: (V, H) LM-head weight (this rank's rows with ``process_group``). Under FSDP2 it may be the
+            head's sharded parameter itself, a DTensor with Shard(0) / Replicate placements (``bias`` too):
+            it is all-gathered and its gradient reduce-scattered as the mean over the mesh, as FSDP2
+            reduces every other parameter (``tensor_parallel.gather_sharded_head``); never pass
+            ``weight.full_tensor()``, whose gradient is not reduced over the ranks. Data parallelism:
+            pass the global ``token_count`` / ``seq_count`` and multiply the loss by the world size.
         labels: (...) integer sampled tokens, hidden's leading shape; ``ignore_index`` marks padding.
         advantages: Ψ as for the logits-level loss; None for "sft".
         loss: a name of the loss registry (``lco_kernels.registry.LOSSES``: "sft", "pg", "ppo", "cispo",
@@ -490,7 +495,7 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
 
     Args:
         hidden: (..., H) last hidden states.
-        weight: (V, H) LM-head weight.
+        weight: (V, H) LM-head weight (an FSDP2 DTensor is gathered as by ``fused_linear_policy_loss``).
         labels: (...) integer tokens, hidden's leading shape; ``ignore_index`` marks padding.
         bias: (V,) LM-head bias, or None.
         temperature: τ > 0: the log-probs of softmax(logits / τ).
@@ -528,7 +533,13 @@ def _token_sweep(hidden, weight, bias, labels, temperature, ignore_index, chunk_
 
 def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,
            need_entropy, tp=None):
-    """(loss, entropy, stats) through the op, or ``ShardedFusedLinear`` for a vocabulary shard."""
+    """(loss, entropy, stats) through the op, or ``ShardedFusedLinear`` for a vocabulary shard; an LM head
+    given as DTensors (FSDP2) is gathered first (``tensor_parallel.gather_sharded_head``)."""
+    if tensor_parallel.is_dtensor(weight) or tensor_parallel.is_dtensor(bias) or tensor_parallel.is_dtensor(hidden):
+        if tp is not None:
+            raise ValueError("hidden / weight / bias given as DTensors carry their own sharding: leave process_group "
+                             "and vocab_start_index as None")
+        weight, bias = tensor_parallel.gather_sharded_head(hidden, weight, bias)
     dtype = product_dtype(hidden, weight, bias)
     # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device
     impl = resolve_backend(backend, hidden.device, dtype)
@@ -564,7 +575,7 @@ def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_
 
     Args:
         hidden: (..., H) last hidden states.
-        weight: (V, H) LM-head weight.
+        weight: (V, H) LM-head weight (an FSDP2 DTensor is gathered as by ``fused_linear_policy_loss``).
         labels: (...) integer sampled tokens.
         advantages: Ψ, per token, per sequence ((B, 1)) or 0-dim.
         bias: (V,) LM-head bias, or None.

@@ -62,17 +62,19 @@ def test_trains_a_few_steps(tmp_path, policy_loss, fused_linear):
     assert "lm_head.weight" in changed and len(changed) == len(before)
 
 
-def captured_batch(stock, old_shift=None, ref_shift=None):
+def captured_batch(stock, old_shift=None, ref_shift=None, rank=0):
     """One generated, scored batch from the stock trainer, optionally with old and reference log-probs
-    moved off the current ones by Gaussian noise of the given scale (so PPO's clip and the KL engage)."""
+    moved off the current ones by Gaussian noise of the given scale (so PPO's clip and the KL engage).
+    ``rank``: this process's own prompts and samples under a multi-process launch (every process calls)."""
     # Two groups of num_generations=4 samples, as TRL's sampler repeats each prompt.
-    prompts = [{"prompt": p} for p in prompt_dataset()["prompt"][:2] for _ in range(4)]
-    torch.manual_seed(1)
+    prompts = [{"prompt": p} for p in prompt_dataset()["prompt"][2 * rank:2 * rank + 2] for _ in range(4)]
+    torch.manual_seed(1 + rank)
     inputs = stock._generate_and_score_completions(prompts)
     # A random model almost never samples EOS within 8 tokens: end some completions early, as EOS would.
-    for row, length in ((0, 3), (5, 6), (6, 1)):
+    for row, length in ((0, 3), (5, 6), (6, 1))[rank:]:
         inputs["completion_mask"][row, length:] = 0
-    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    # as TRL counts it: over all processes
+    inputs["num_items_in_batch"] = stock.accelerator.reduce(inputs["completion_mask"].sum(), reduction="sum")
     current = current_logprobs(stock, inputs)
     gen = torch.Generator().manual_seed(2)
     for key, shift in (("old_per_token_logps", old_shift), ("ref_per_token_logps", ref_shift)):
@@ -101,11 +103,15 @@ def vllm_ratio(kind, shape):
     return ratio
 
 
-def grads(trainer, inputs):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
+def grads(trainer, inputs, model=None):
+    """Loss and the trainable parameters' gradients of one backward; ``model``: the trainer's model as wrapped
+    for several processes (DDP; FSDP2, whose sharded gradients are gathered)."""
+    model = trainer.model if model is None else model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, inputs)
     loss.backward()
-    return loss.detach(), {k: v.grad.clone() for k, v in trainer.model.named_parameters()}
+    return loss.detach(), {k: v.grad.full_tensor() if hasattr(v.grad, "full_tensor") else v.grad.clone()
+                           for k, v in model.named_parameters() if v.requires_grad}
 
 
 def max_diff(g, h):
