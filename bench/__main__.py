@@ -1,8 +1,12 @@
 """``python -m bench [--quick]``: the benchmark suite, on CPU or on the GPU it finds.
 ``python -m bench stability [--quick] [--part PART]``: the paper's claims reproduced with our losses (bench/stability/).
 
-Prints Markdown tables (stdout), progress (stderr), and writes record.json, table.md and PNG plots
-under bench/results/<time>-<device>/ (or --out).
+Sections: the fixed cost per call at small shapes (``python -m bench.fixed_cost`` alone), forward +
+backward at large shapes (on a CPU with glibc's default allocator and with heap allocations forced),
+fused linear + loss, a compiled model step, then on a CPU memory traffic and tensor parallel, and the
+ahead-of-time compile report. Each table's header says what its variants are and how its ratios read.
+Prints Markdown tables (stdout), progress with elapsed time and an estimate (stderr), and writes
+record.json, table.md and PNG plots under bench/results/<time>-<device>/ (or --out).
 """
 import argparse
 import os

@@ -17,9 +17,11 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 echo "== optional packages (a missing one skips only what needs it) =="
 python - <<'PY' 2>&1 | tee "$OUT/optional.txt"
 import importlib.util
-NEEDED_BY = {"hypothesis": "tests/test_properties.py", "trl": "the TRL integration tests",
-             "transformers": "the TRL integration tests", "verl": "the verl integration and GSPO parity tests",
-             "liger_kernel": "the benchmark's Liger anchor", "matplotlib": "the benchmark's plots"}
+NEEDED_BY = {"hypothesis": "tests/test_properties.py", "trl": "the TRL integration and parity tests",
+             "transformers": "the TRL integration tests", "peft": "the PEFT integration tests",
+             "verl": "the verl integration and parity tests",
+             "liger_kernel": "the Liger parity tests and the benchmark's Liger anchor",
+             "matplotlib": "the benchmark's plots"}
 for name, what in NEEDED_BY.items():
     print(f"{name:>13}: {'present' if importlib.util.find_spec(name) else 'missing, skips ' + what}")
 PY
@@ -34,6 +36,9 @@ timeout 120 python - <<'PY' 2>&1 | tee "$OUT/cuda_graph.txt"
 import torch
 from lco_kernels import fused_linear_lco_loss, lco_loss
 
+if not torch.cuda.is_available():
+    print("CUDA graph check: skipped, no GPU here")
+    raise SystemExit(77)
 torch.manual_seed(0)
 N, H, V = 512, 256, 32000
 dev = "cuda"
@@ -88,7 +93,7 @@ timeout 300 python -m bench ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | tee "$OUT/
 bench_rc=${PIPESTATUS[0]}
 
 echo "== summary =="
-verdict() { case "$1" in 0) echo passed ;; 5) echo "no tests ran" ;; 124) echo "timed out" ;; *) echo "failed (exit $1)" ;; esac; }
+verdict() { case "$1" in 0) echo passed ;; 5) echo "no tests ran" ;; 77) echo "skipped (no GPU)" ;; 124) echo "timed out" ;; *) echo "failed (exit $1)" ;; esac; }
 {
   echo "tests: $(verdict "$tests_rc"): $(grep -E '(passed|failed|skipped|error).* in [0-9.]+s' "$OUT/pytest.txt" | tail -1)"
   echo "CUDA graph: $(verdict "$graph_rc")"

@@ -64,7 +64,7 @@ def measure(spec):
     records, shapes = [], spec["shapes"]
     progress = Progress(spec.get("label", "timing").strip(), len(shapes))
     for n, vocab, variants in shapes:
-        compiles = " (torch.compile compiles in it)" if "torch.compile" in variants else ""
+        compiles = " (torch.compile may compile here)" if "torch.compile" in variants else ""
         with progress.step(f"N={n} V={vocab}: warm-up{compiles}, then {spec['repeats']} rounds of "
                            f"{', '.join(variants)}"):
             recs = _shape(spec, n, vocab, variants, device, backend)

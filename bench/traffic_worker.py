@@ -16,7 +16,6 @@ import lco_kernels  # noqa: E402
 from bench.variants import liger_available  # noqa: E402
 from lco_kernels.diagnostics.aot import heads  # noqa: E402
 from lco_kernels.diagnostics.traffic import count_traffic, summarize  # noqa: E402
-from lco_kernels.registry import LOSSES  # noqa: E402
 
 N, V = 8, 5000
 
@@ -25,15 +24,7 @@ def ours_cases(adv, old, ref):
     """(name, loss function, its arguments after (logits, labels), its options) for every head of the
     loss registry."""
     for head in heads():
-        info = LOSSES[head.loss]
-        args = ((adv,) if info.advantages else ()) + ((old,) if info.old_logprobs == "required" else ())
-        options = {}
-        if head.has_old and info.old_logprobs == "optional":
-            options["old_logprobs"] = old
-        if head.dual_clip:
-            options["dual_clip"] = 3.0
-        if head.kl_type is not None:
-            options.update(ref_logprobs=ref, beta=0.1, kl_type=head.kl_type.name.lower())
+        args, options = head.arguments(adv, old, ref)
         yield head.name, getattr(lco_kernels, f"{head.loss}_loss"), args, options
 
 

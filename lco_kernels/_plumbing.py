@@ -5,9 +5,10 @@ import dataclasses
 import torch
 
 from . import torch_backend, triton_backend
-from ._validation import TRITON_DTYPES, check_backend_dtype, check_clip, check_kl, check_rho, per_token, real
+from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_dppo, check_dro, check_kl, check_rho,
+                          check_sapo, flag, per_token, real)
 from .reductions import token_weights
-from .registry import EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
+from .registry import DIVERGENCES, EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
 
 
 def triton_runs_on_cpu() -> bool:
@@ -30,30 +31,56 @@ def resolve_backend(backend, device, dtype):
     return triton_backend
 
 
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossSpec)}
+
+
 def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=EPSILON,
-              epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0):
-    """The checked ``LossSpec`` of loss ``name`` (a key of registry.LOSSES) with these options."""
+              epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
+              bias_correction_kl=False, tau_pos=_SPEC_DEFAULTS["tau_pos"], tau_neg=_SPEC_DEFAULTS["tau_neg"],
+              divergence="tv", delta_low=_SPEC_DEFAULTS["delta_low"], delta_high=_SPEC_DEFAULTS["delta_high"],
+              clip_ratio_c=_SPEC_DEFAULTS["clip_ratio_c"], dro_beta=None):
+    """The checked ``LossSpec`` of loss ``name`` (a key of registry.LOSSES) with these options.
+
+    ``epsilon_low=None`` is CISPO's one-sided cap (no lower clip); for the other losses it means
+    their default 0.2. Options of other losses are ignored (``fused_linear_policy_loss`` passes all)."""
     info = LOSSES.get(name)
     if info is None:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
     real("temperature", temperature)
     real("entropy_coef", entropy_coef)
+    if epsilon_low is None and name != "cispo":
+        epsilon_low = EPSILON
     check_clip(epsilon_low, epsilon_high, dual_clip)
     check_kl(beta, kl_type)
+    flag("bias_correction_kl", bias_correction_kl)
     if "rho_pos" in info.hyperparameters:
         check_rho(rho_pos, rho_neg)
+    if "tau_pos" in info.hyperparameters:
+        check_sapo(tau_pos, tau_neg)
+    if "divergence" in info.hyperparameters:
+        check_dppo(divergence, delta_low, delta_high, clip_ratio_c)
+    if "dro_beta" in info.hyperparameters:
+        if dro_beta is None:
+            raise ValueError("loss='dro' needs dro_beta (> 0, the weight of the squared log-ratio)")
+        check_dro(dro_beta)
     if info.old_logprobs == "required" and old_logprobs is None:
         raise ValueError(f"loss={name!r} needs old_logprobs (the behaviour policy's log-probs of the labels)")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
     if ref_logprobs is not None and not info.advantages:
         raise ValueError(f"loss={name!r} takes no ref_logprobs (a KL term belongs to the RL losses)")
-    return LossSpec(name, rho_pos=float(rho_pos), rho_neg=float(rho_neg), epsilon_low=float(epsilon_low),
-                    epsilon_high=float(epsilon_high), dual_clip=None if dual_clip is None else float(dual_clip),
-                    beta=float(beta), kl_type=KL_NAMES[kl_type], entropy_coef=float(entropy_coef),
-                    temperature=float(temperature),
-                    has_old=old_logprobs is not None and info.old_logprobs != "none",
-                    has_ref=ref_logprobs is not None and beta > 0)
+    has_old = old_logprobs is not None and info.old_logprobs != "none"
+    has_ref = ref_logprobs is not None and beta > 0
+    if bias_correction_kl and has_ref and not has_old:
+        raise ValueError("bias_correction_kl=True weighs the KL term by the ratio p_i / p_old: it needs old_logprobs")
+    return LossSpec(name, rho_pos=float(rho_pos), rho_neg=float(rho_neg),
+                    epsilon_low=None if epsilon_low is None else float(epsilon_low), epsilon_high=float(epsilon_high),
+                    dual_clip=None if dual_clip is None else float(dual_clip), beta=float(beta),
+                    kl_type=KL_NAMES[kl_type], entropy_coef=float(entropy_coef), temperature=float(temperature),
+                    tau_pos=float(tau_pos), tau_neg=float(tau_neg), divergence=DIVERGENCES.get(divergence, 0),
+                    delta_low=float(delta_low), delta_high=float(delta_high), clip_ratio_c=float(clip_ratio_c),
+                    dro_beta=0.0 if dro_beta is None else float(dro_beta),
+                    bias_correction_kl=bool(bias_correction_kl) and has_ref, has_old=has_old, has_ref=has_ref)
 
 
 @dataclasses.dataclass

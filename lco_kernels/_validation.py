@@ -6,7 +6,7 @@ import numbers
 import torch
 
 from .reductions import ALIASES, REDUCTIONS
-from .registry import KL_NAMES
+from .registry import DIVERGENCES, KL_NAMES
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -20,7 +20,7 @@ def real(name, value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _flag(name, value):
+def flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
@@ -50,8 +50,8 @@ def check_options(*, ignore_index, reduction, backend, return_stats, max_length,
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS and reduction not in ALIASES:
         raise ValueError(f"reduction must be one of {REDUCTIONS + tuple(ALIASES)}, got {reduction!r}")
-    _flag("inplace_backward", inplace_backward)
-    _flag("return_stats", return_stats)
+    flag("inplace_backward", inplace_backward)
+    flag("return_stats", return_stats)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral)
@@ -82,9 +82,11 @@ def check_rho(rho_pos, rho_neg):
 
 
 def check_clip(epsilon_low, epsilon_high, dual_clip):
-    real("epsilon_low", epsilon_low)
+    """``epsilon_low`` None (no lower clip) is checked by the caller."""
     real("epsilon_high", epsilon_high)
-    if not 0 <= epsilon_low < 1:
+    if epsilon_low is not None:
+        real("epsilon_low", epsilon_low)
+    if epsilon_low is not None and not 0 <= epsilon_low < 1:
         raise ValueError(f"epsilon_low must lie in [0, 1), got {epsilon_low}")
     if epsilon_high < 0:
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
@@ -92,6 +94,31 @@ def check_clip(epsilon_low, epsilon_high, dual_clip):
         real("dual_clip", dual_clip)
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (the cap −Ψ·c on negative-advantage tokens), got {dual_clip}")
+
+
+def _positive(name, value):
+    real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_sapo(tau_pos, tau_neg):
+    _positive("tau_pos", tau_pos)
+    _positive("tau_neg", tau_neg)
+
+
+def check_dppo(divergence, delta_low, delta_high, clip_ratio_c):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    for name, value in (("delta_low", delta_low), ("delta_high", delta_high)):
+        real(name, value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a divergence threshold), got {value}")
+    _positive("clip_ratio_c", clip_ratio_c)
+
+
+def check_dro(dro_beta):
+    _positive("dro_beta", dro_beta)
 
 
 def check_kl(beta, kl_type):

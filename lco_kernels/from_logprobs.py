@@ -7,7 +7,7 @@ d = log p_i − log(1 − p_i) to (loss, α) with α = −(∂L/∂log p_i)·(1 
 (e_i − p). log(1 − p_i) is log(−expm1(log p_i)) (log1p(−p_i) for small p_i), never 1 − p_i by
 subtraction. Fed by ``token_logprobs`` — which keeps log p_i's digits for confident tokens and takes
 1 − p_i from the log domain in its backward — this equals ``lco_loss`` to rounding; fed by
-``log_softmax``, it inherits log_softmax's rounding (README, "The log-prob form", measures both).
+``log_softmax``, it inherits log_softmax's rounding (docs/logprob-form.md measures both).
 """
 import math
 
@@ -68,10 +68,35 @@ def lco_loss_from_logprobs(logprobs, advantages, *, rho_pos=RHO_POS, rho_neg=RHO
                            return_stats=False):
     """``lco_loss`` from per-token log-probs ``logprobs`` (differentiable, ≤ 0) instead of logits.
 
-    logprobs: (...) log p_i of the sampled tokens, e.g. ``token_logprobs(logits, labels)``.
-    ``loss_mask`` (logprobs' shape; 0/False = not counted) takes the place of ``ignore_index``;
-    everything else as ``lco_loss``. With return_stats, ``(loss, TokenStats)`` with logprobs,
-    target_prob, clamped and clipped (entropy and logit_grad_norm need the logits: None).
+    For policy-loss hooks that only see per-token log-probs (verl's ``register_policy_loss``, TRL's
+    ``per_token_logps``). It runs the fused kernel's own scalar head on the given log p_i, with
+    log(1 − p_i) = log(−expm1(log p_i)) and ∂L/∂log p_i = −α / (1 − p_i), so it is exactly as good as
+    the log-probs it is fed: fed by ``token_logprobs`` it equals ``lco_loss`` to rounding; fed by
+    ``log_softmax(logits).gather(...)`` it has lost 1 − p_i for confident tokens (docs/logprob-form.md
+    measures both). A log-prob of exactly 0 reads as p_i = 1 (loss and gradient 0).
+
+    Args:
+        logprobs: (...) log p_i of the sampled tokens, e.g. ``token_logprobs(logits, labels)``; > 0 is
+            a ``ValueError``.
+        advantages: Ψ, per token (logprobs' shape), per sequence ((B, 1)) or 0-dim.
+        rho_pos: as ``lco_loss``.
+        rho_neg: as ``lco_loss``.
+        loss_mask: logprobs' shape; 0 / False = not counted (in place of ``ignore_index``).
+        old_logprobs: PPO+LCO, as ``lco_loss``.
+        epsilon_low: as ``lco_loss``.
+        epsilon_high: as ``lco_loss``.
+        ref_logprobs: KL penalty, as every loss with advantages.
+        beta: KL coefficient.
+        kl_type: KL estimator.
+        reduction: as every loss.
+        max_length: as every loss.
+        token_count: as every loss.
+        seq_count: as every loss.
+        return_stats: also return ``TokenStats``.
+
+    Returns:
+        The loss; with ``return_stats``, ``(loss, TokenStats)`` with logprobs, target_prob, clamped and
+        clipped (entropy and logit_grad_norm need the logits: None).
     """
     spec = loss_spec("lco", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_type=kl_type)

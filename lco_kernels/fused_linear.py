@@ -380,33 +380,87 @@ class _Grads:
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="lco", bias=None, old_logprobs=None,
-                             ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=EPSILON,
-                             epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", temperature=1.0,
+                             ref_logprobs=None, rho_pos=RHO_POS, rho_neg=RHO_NEG, epsilon_low=None,
+                             epsilon_high=EPSILON, dual_clip=None, beta=0.0, kl_type="k3", bias_correction_kl=False,
+                             tau_pos=1.0, tau_neg=1.05, divergence="tv", delta_low=0.2, delta_high=0.2,
+                             clip_ratio_c=3.0, dro_beta=None, temperature=1.0,
                              entropy_coef=0.0, ignore_index=-100, reduction="mean", loss_mask=None, max_length=None,
                              token_count=None, seq_count=None, chunk_size=None, accum_dtype=torch.float32,
                              return_stats=False, backend="auto", process_group=None, vocab_start_index=None,
                              all_reduce_grad_hidden=False):
-    """``loss`` (a name in registry.LOSSES) of ``hidden @ weight.T (+ bias)`` without the N×V logits.
+    """Any per-token loss of ``hidden @ weight.T (+ bias)``, fused, without the N×V logits.
 
-    hidden: (..., H); weight: (V, H); bias: (V,) or None, floating, on one device (mixed dtypes: the
-    products run in the lower precision, see the module docstring); labels and the per-token inputs
-    and options as for the matching logits-level loss (``lco_loss``, ...). chunk_size: tokens per
-    chunk (default ``default_chunk_size``). accum_dtype: grad_weight / grad_bias accumulation dtype
-    across chunks.
+    For each chunk of tokens: the chunk's logits are projected into one buffer, the vocabulary
+    kernels turn them into the loss and the logit gradient in place, then grad_hidden[chunk] =
+    grad_logits @ weight and grad_weight += grad_logits.T @ hidden_chunk. Peak extra memory:
+    O(chunk × V + N × H + V × H). Scalar reductions form the gradients during the forward (3 matmuls
+    per chunk; the graph can be differentiated once); ``reduction="none"`` recomputes each chunk in
+    the backward (one more matmul). Only the gradients of inputs that require one are formed (a
+    frozen LM head costs no V × H accumulator).
 
-    process_group: ``weight`` (and ``bias``) are this rank's rows [vocab_start_index,
-    vocab_start_index + V_r) of a vocabulary-parallel LM head and ``hidden`` is the same on every rank
-    (README "Tensor parallel"); one all-gather per chunk of tokens, and grad_weight is this rank's
-    rows. Each rank's grad_hidden is then its rows' share, a partial sum over the group, as
-    Megatron's ColumnParallelLinear leaves it for the all-reduce in the backward of
-    copy_to_tensor_model_parallel_region; ``all_reduce_grad_hidden=True`` all-reduces it here
-    instead, for hidden states that pass through no such region. A given chunk_size must be the
-    same on every rank; without one the ranks agree on the smallest default (one all-reduce of an
-    int, a host synchronisation on GPUs: pass chunk_size to avoid it).
+    Args:
+        hidden: (..., H) last hidden states.
+        weight: (V, H) LM-head weight (this rank's rows with ``process_group``). Under FSDP2 it may be the
+            head's sharded parameter itself, a DTensor with Shard(0) / Replicate placements (``bias`` too):
+            it is all-gathered and its gradient reduce-scattered as the mean over the mesh, as FSDP2
+            reduces every other parameter (``tensor_parallel.gather_sharded_head``); never pass
+            ``weight.full_tensor()``, whose gradient is not reduced over the ranks. Data parallelism:
+            pass the global ``token_count`` / ``seq_count`` and multiply the loss by the world size.
+        labels: (...) integer sampled tokens, hidden's leading shape; ``ignore_index`` marks padding.
+        advantages: Ψ as for the logits-level loss; None for "sft".
+        loss: a name of the loss registry (``lco_kernels.registry.LOSSES``: "sft", "pg", "ppo", "cispo",
+            "lco", "sapo", "dppo", "dro"). The options below that the chosen loss does not take are
+            ignored; each is described at the logits-level loss (``lco_loss``, ``sapo_loss``, ...).
+        bias: (V,) LM-head bias, or None.
+        old_logprobs: as the chosen loss (required by every loss but "sft", "pg" and "lco").
+        ref_logprobs: as the logits-level losses (KL penalty, with ``beta``, ``kl_type``,
+            ``bias_correction_kl``).
+        rho_pos: "lco", as ``lco_loss``.
+        rho_neg: "lco", as ``lco_loss``.
+        epsilon_low: "ppo", "lco" and "cispo"; None is 0.2 except for "cispo", where it is the
+            one-sided cap (as ``cispo_loss``).
+        epsilon_high: "ppo", "cispo" and "lco", as those losses.
+        dual_clip: "ppo", as ``ppo_loss``.
+        tau_pos: "sapo", as ``sapo_loss``.
+        tau_neg: "sapo", as ``sapo_loss``.
+        divergence: "dppo", as ``dppo_loss``.
+        delta_low: "dppo", as ``dppo_loss``.
+        delta_high: "dppo", as ``dppo_loss``.
+        clip_ratio_c: "dppo", as ``dppo_loss``.
+        dro_beta: "dro", as ``dro_loss`` (required there).
+        reduction: as every loss; "mean" for every loss here, SAPO's included (pass
+            "seq-mean-token-mean" for SAPO's own default).
+        chunk_size: tokens per chunk (default ``ceil(max(N·H, V·H/4) / V)`` tokens: a chunk of logits
+            as large as ``hidden`` or a quarter of ``weight``, kept between 1 MiB and 256 MiB).
+        accum_dtype: dtype of the grad_weight / grad_bias accumulation across chunks (fp32 by
+            default, also for bf16 weights).
+        process_group: ``weight`` (and ``bias``) are this rank's rows [vocab_start_index,
+            vocab_start_index + V_r) of a vocabulary-parallel LM head and ``hidden`` is the same on
+            every rank (docs/guides/tensor-parallel.md); one all-gather per chunk of tokens, and
+            grad_weight is this rank's rows. Each rank's grad_hidden is then its rows' share, a partial
+            sum over the group, as Megatron's ColumnParallelLinear leaves it for the all-reduce in the
+            backward of copy_to_tensor_model_parallel_region. A given chunk_size must be the same on
+            every rank; without one the ranks agree on the smallest default (one all-reduce of an int,
+            a host synchronisation on GPUs: pass chunk_size to avoid it).
+        vocab_start_index: the shard's first vocabulary id (default rank × V_r).
+        all_reduce_grad_hidden: with ``process_group``, all-reduce grad_hidden here (one all-reduce of
+            N × H in the backward), for hidden states that pass through no such region.
+
+    ``hidden``, ``weight`` and ``bias`` may have different floating dtypes (autocast's rule): the chunk
+    products run in the lower precision, and each gradient is returned in its own input's dtype;
+    bfloat16 with float16 is a ``ValueError``. ``beta``, ``kl_type``, ``bias_correction_kl``,
+    ``temperature``, ``entropy_coef``, ``ignore_index``, ``loss_mask``, ``max_length``, the counts,
+    ``return_stats`` and ``backend`` are the options shared by every loss (see
+    ``lco_kernels.losses.per_token``).
+
+    Returns:
+        The loss (scalar, or labels' shape for "none"); with ``return_stats``, ``(loss, TokenStats)``.
     """
     spec = loss_spec(loss, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rho_pos=rho_pos, rho_neg=rho_neg,
                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
-                     kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature)
+                     kl_type=kl_type, bias_correction_kl=bias_correction_kl, tau_pos=tau_pos, tau_neg=tau_neg,
+                     divergence=divergence, delta_low=delta_low, delta_high=delta_high, clip_ratio_c=clip_ratio_c,
+                     dro_beta=dro_beta, entropy_coef=entropy_coef, temperature=temperature)
     check_options(ignore_index=ignore_index, reduction=reduction, backend=backend, return_stats=return_stats,
                   max_length=max_length, temperature=temperature, entropy_coef=entropy_coef, token_count=token_count,
                   seq_count=seq_count, device=getattr(hidden, "device", None))
@@ -433,10 +487,25 @@ def fused_linear_token_logprobs(hidden, weight, labels, *, bias=None, temperatur
     """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without the N×V logits.
 
     fp32 log p_i of softmax(logits / τ) in labels' shape (0 at ignored positions), differentiable
-    w.r.t. hidden, weight and bias; with ``return_entropy``, ``(logprobs, entropy)``, both
-    differentiable. The backward recomputes each chunk's logits (the upstream gradient is per token)
-    and takes 1 − p_i from the log domain, as ``token_logprobs``. Shapes, dtypes (mixed allowed),
-    ``chunk_size`` and ``accum_dtype`` as ``fused_linear_policy_loss``.
+    w.r.t. hidden, weight and bias: the drop-in for verl's fused log-prob / entropy path and TRL's
+    chunked log-prob head. The backward recomputes each chunk's logits (the upstream gradient is per
+    token: 4 matmuls per chunk in all) and takes 1 − p_i from the log domain, as ``token_logprobs``.
+
+    Args:
+        hidden: (..., H) last hidden states.
+        weight: (V, H) LM-head weight (an FSDP2 DTensor is gathered as by ``fused_linear_policy_loss``).
+        labels: (...) integer tokens, hidden's leading shape; ``ignore_index`` marks padding.
+        bias: (V,) LM-head bias, or None.
+        temperature: τ > 0: the log-probs of softmax(logits / τ).
+        ignore_index: the padding label.
+        return_entropy: also return the per-token entropy, differentiable.
+        chunk_size: tokens per chunk (as ``fused_linear_policy_loss``).
+        accum_dtype: dtype of the weight / bias gradient accumulation (as ``fused_linear_policy_loss``).
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        ``logprobs``, or ``(logprobs, entropy)`` with ``return_entropy``. Mixed dtypes as
+        ``fused_linear_policy_loss``.
     """
     check_options(ignore_index=ignore_index, reduction="none", backend=backend, return_stats=False, max_length=None,
                   temperature=temperature, device=getattr(hidden, "device", None))
@@ -462,7 +531,13 @@ def _token_sweep(hidden, weight, bias, labels, temperature, ignore_index, chunk_
 
 def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_dtype, backend, with_stats,
            need_entropy, tp=None):
-    """(loss, entropy, stats) through the op, or ``ShardedFusedLinear`` for a vocabulary shard."""
+    """(loss, entropy, stats) through the op, or ``ShardedFusedLinear`` for a vocabulary shard; an LM head
+    given as DTensors (FSDP2) is gathered first (``tensor_parallel.gather_sharded_head``)."""
+    if tensor_parallel.is_dtensor(weight) or tensor_parallel.is_dtensor(bias) or tensor_parallel.is_dtensor(hidden):
+        if tp is not None:
+            raise ValueError("hidden / weight / bias given as DTensors carry their own sharding: leave process_group "
+                             "and vocab_start_index as None")
+        weight, bias = tensor_parallel.gather_sharded_head(hidden, weight, bias)
     dtype = product_dtype(hidden, weight, bias)
     # the vocabulary kernels see chunks of logits of the product dtype on the inputs' device
     impl = resolve_backend(backend, hidden.device, dtype)
@@ -493,8 +568,29 @@ def fused_linear_lco_loss(hidden, weight, labels, advantages, *, bias=None, rho_
                           return_stats=False, backend="auto", **options):
     """LCO from hidden states and the LM-head weight: ``lco_loss(hidden @ weight.T + bias, ...)``, fused.
 
-    ``options``: the other keyword options of ``lco_loss`` (old_logprobs, epsilon_low, epsilon_high,
-    ref_logprobs, beta, kl_type, temperature, entropy_coef, loss_mask, max_length, token_count, seq_count).
+    ``fused_linear_policy_loss(..., loss="lco")``: see it for ``hidden``, ``weight``, ``bias``,
+    ``chunk_size``, ``accum_dtype`` and the memory, and ``lco_loss`` for the loss.
+
+    Args:
+        hidden: (..., H) last hidden states.
+        weight: (V, H) LM-head weight (an FSDP2 DTensor is gathered as by ``fused_linear_policy_loss``).
+        labels: (...) integer sampled tokens.
+        advantages: Ψ, per token, per sequence ((B, 1)) or 0-dim.
+        bias: (V,) LM-head bias, or None.
+        rho_pos: as ``lco_loss``.
+        rho_neg: as ``lco_loss``.
+        ignore_index: the padding label.
+        reduction: as every loss.
+        chunk_size: tokens per chunk.
+        accum_dtype: dtype of the weight / bias gradient accumulation.
+        return_stats: also return ``TokenStats``.
+        backend: "auto", "triton" or "torch".
+        **options: the other keyword options of ``lco_loss`` and ``fused_linear_policy_loss``
+            (old_logprobs, epsilon_low, epsilon_high, ref_logprobs, beta, kl_type, bias_correction_kl,
+            temperature, entropy_coef, loss_mask, max_length, token_count, seq_count, process_group, ...).
+
+    Returns:
+        The loss; with ``return_stats``, ``(loss, TokenStats)``.
     """
     return fused_linear_policy_loss(hidden, weight, labels, advantages, loss="lco", bias=bias, rho_pos=rho_pos,
                                     rho_neg=rho_neg, ignore_index=ignore_index, reduction=reduction,

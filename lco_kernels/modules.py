@@ -10,8 +10,21 @@ from .registry import RHO_NEG, RHO_POS
 
 
 class LCOLoss(nn.Module):
-    """Logits Convex Optimization loss as a module; ``forward(logits, labels, advantages)``.
-    ``options``: any other keyword option of ``lco_loss`` (temperature, old_logprobs' epsilons, ...)."""
+    """``lco_loss`` as an ``nn.Module``: ``forward(logits, labels, advantages, **call_options)``.
+
+    The constructor's options are checked once and applied to every call; ``call_options`` (per call:
+    ``old_logprobs``, ``ref_logprobs``, ``loss_mask``, ``token_count``, ...) override them.
+
+    Args:
+        rho_pos: as ``lco_loss``.
+        rho_neg: as ``lco_loss``.
+        ignore_index: the padding label.
+        reduction: as every loss.
+        inplace_backward: as every loss.
+        backend: "auto", "triton" or "torch".
+        **options: any other keyword option of ``lco_loss`` (temperature, entropy_coef, epsilon_low,
+            epsilon_high, beta, kl_type, ...).
+    """
 
     def __init__(self, rho_pos=RHO_POS, rho_neg=RHO_NEG, ignore_index=-100, reduction="mean",
                  inplace_backward=False, backend="auto", **options):
@@ -32,7 +45,21 @@ class LCOLoss(nn.Module):
 
 
 class LinearLCOLoss(nn.Module):
-    """``fused_linear_lco_loss`` as a module: forward(hidden, weight, labels, advantages, bias=None)."""
+    """``fused_linear_lco_loss`` as an ``nn.Module``: ``forward(hidden, weight, labels, advantages, bias=None, **call_options)``.
+
+    The LM head's ``weight`` (and ``bias``) are passed to each call, so the module holds no parameter
+    and can sit beside any model.
+
+    Args:
+        rho_pos: as ``lco_loss``.
+        rho_neg: as ``lco_loss``.
+        ignore_index: the padding label.
+        reduction: as every loss.
+        chunk_size: tokens per chunk (as ``fused_linear_policy_loss``).
+        accum_dtype: dtype of the weight / bias gradient accumulation.
+        backend: "auto", "triton" or "torch".
+        **options: any other keyword option of ``fused_linear_lco_loss``.
+    """
 
     def __init__(self, rho_pos=RHO_POS, rho_neg=RHO_NEG, ignore_index=-100, reduction="mean", chunk_size=None,
                  accum_dtype=torch.float32, backend="auto", **options):

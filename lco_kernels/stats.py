@@ -29,12 +29,18 @@ STAT_ROWS, STAT = _layout("logprobs", "entropy", "logit_grad_norm", "target_prob
 
 @dataclasses.dataclass
 class TokenStats:
-    """fp32 tensors shaped like ``labels``; 0 at ignored tokens, NaN on NaN rows.
+    """Per-token statistics of a loss call (``return_stats=True``), from the loss's own sweep.
 
-    logprobs: log p_i of the sampled token (of softmax(z/τ)). entropy: H(π). logit_grad_norm:
-    ‖∂L_t/∂z‖₂ of the token's own (unreduced) policy and KL terms. target_prob, clamped (LCO only):
-    the target probability t = min(ρ·p_i, 1) and whether ρ·p_i ≥ 1. clipped (with old log-probs:
-    PPO, CISPO, PPO+LCO): 1 where a clip took the token's gradient away (CISPO: its weight was capped).
+    fp32 tensors shaped like ``labels``, without gradient; 0 at ignored tokens, NaN on NaN rows.
+
+    Attributes:
+        logprobs: log p_i of the sampled token (of softmax(z/τ)).
+        entropy: H(π) per token.
+        logit_grad_norm: ‖∂L_t/∂z‖₂ of the token's own (unreduced) policy and KL terms.
+        target_prob: LCO only (else None): the target probability t = min(ρ·p_i, 1).
+        clamped: LCO only (else None): 1 where ρ·p_i ≥ 1 (one-hot target).
+        clipped: with old log-probs (PPO, CISPO, PPO+LCO, GSPO; else None): 1 where a clip took the
+            token's gradient away (CISPO: where its weight was capped).
     """
     logprobs: torch.Tensor
     entropy: torch.Tensor

@@ -161,3 +161,38 @@ def wrap_replicated(x, mesh):
     import torch.distributed.tensor as dt
 
     return dt.DTensor.from_local(x, mesh, [dt.Replicate()], run_check=False)
+
+
+def gather_sharded_head(hidden, weight, bias):
+    """(weight, bias) of an LM head whose parameters are DTensors, as full plain tensors for the fused
+    linear loss; plain tensors pass through.
+
+    Under FSDP2 (``fully_shard``) the head's parameters, read outside the head's forward, are DTensors
+    sharded on the vocabulary (Shard(0)), and ``hidden`` holds this rank's own sequences. Each such
+    parameter is all-gathered here (``full_tensor``, as FSDP's own unshard) and its gradient is
+    reduce-scattered back as the mean over the mesh's ranks (Partial("avg")), which is what FSDP2's
+    default reduce-scatter gives every other parameter, so DDP's rule applies unchanged: with global
+    counts, multiply the loss by the world size. Meshes of any rank (HSDP) with Shard(0) / Replicate
+    placements are accepted; any other placement raises, as does a DTensor ``hidden``. (A plain
+    ``weight.full_tensor()`` passed by the user would be silently wrong: its gradient would keep each
+    rank's own rows of its own batch's gradient, unreduced.)
+    """
+    if not (is_dtensor(weight) or is_dtensor(bias)):
+        if is_dtensor(hidden):
+            raise ValueError("hidden is a DTensor but weight is not: pass hidden.to_local() (this rank's rows)")
+        return weight, bias
+    import torch.distributed.tensor as dt
+
+    if is_dtensor(hidden):
+        raise ValueError("hidden must be a plain tensor (this rank's hidden states) when weight is a DTensor; for a "
+                         "vocabulary-parallel head pass the local rows of weight with process_group instead")
+    gathered = []
+    for name, t in (("weight", weight), ("bias", bias)):
+        if is_dtensor(t):
+            if any(not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in t.placements):
+                raise ValueError(f"{name} is a DTensor with placements {t.placements}; the fused linear loss gathers a "
+                                 "head sharded on its rows (FSDP2's Shard(0)) or replicated: redistribute it to "
+                                 f"those placements first ({name}.redistribute(...) keeps the gradient's path)")
+            t = t.full_tensor(grad_placements=[dt.Partial("avg")] * t.device_mesh.ndim)
+        gathered.append(t)
+    return tuple(gathered)

@@ -5,7 +5,7 @@ the symbols and the derivations). tests/test_heads.py runs both on the same rows
 """
 import torch
 
-from .registry import KL, Kind, LossSpec
+from .registry import DIVERGENCES, KL, Kind, LossSpec
 
 
 def _logaddexp(a, b):
@@ -19,6 +19,11 @@ def _two_diff(a, b):
     b_virtual = a - r
     err = (a - (r + b_virtual)) + (b_virtual - b)
     return r, torch.where(r.isinf(), 0.0, err)
+
+
+def _log1mexp(x):
+    # log(1 − e^x) for x ≤ 0, to full precision on both sides of x = −log 2
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
@@ -75,10 +80,42 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
         alpha = torch.where(live, adv * ratio * one_minus_p, 0.0)
     elif spec.kind == Kind.CISPO:
         ratio = torch.exp(log_p - old_logp)
-        weight = ratio.clamp(max=1 + spec.epsilon_high)
+        lower = 0.0 if spec.epsilon_low is None else 1 - spec.epsilon_low
+        weight = ratio.clamp(lower, 1 + spec.epsilon_high)
         loss = torch.where(weight * adv == 0, 0.0, -weight * adv * log_p)
         alpha = weight * adv * one_minus_p
-        clipped = ratio > 1 + spec.epsilon_high
+        clipped = (ratio > 1 + spec.epsilon_high) | (ratio < lower)
+    elif spec.kind == Kind.SAPO:
+        log_ratio = log_p - old_logp
+        ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+        tau = torch.where(adv > 0, spec.tau_pos, spec.tau_neg).to(d.dtype)
+        x = tau * (ratio - 1)
+        e = torch.exp(-x.abs())
+        sigmoid = torch.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        loss = -(4 / tau) * sigmoid * adv
+        alpha = torch.where(log_ratio.abs() <= 20.0, 4 * (e / ((1 + e) * (1 + e))) * ratio * adv * one_minus_p, 0.0)
+    elif spec.kind == Kind.DPPO:
+        ratio = torch.exp((log_p - old_logp).clamp(-20.0, 20.0))
+        p, p_old = torch.exp(log_p), torch.exp(old_logp)
+        if spec.divergence == DIVERGENCES["tv"]:
+            inside_pos = p - p_old <= spec.delta_high
+            inside_neg = p - p_old >= -spec.delta_low
+        else:
+            log_1mp_old = _log1mexp(old_logp)
+            q_old = torch.exp(log_1mp_old)
+            bkl = (torch.where(p_old > 0, p_old * (old_logp - log_p), 0.0)
+                   + torch.where(q_old > 0, q_old * (log_1mp_old - log_1mp), 0.0))
+            inside_pos = (bkl <= spec.delta_high) | (p <= p_old)
+            inside_neg = (bkl <= spec.delta_low) | (p >= p_old)
+        inside = torch.where(adv > 0, inside_pos, inside_neg)
+        weight = torch.where(inside, ratio.clamp(max=spec.clip_ratio_c), 0.0)
+        loss = torch.where(weight * adv == 0, 0.0, -weight * adv * log_p)
+        alpha = weight * adv * one_minus_p
+        clipped = ~inside
+    elif spec.kind == Kind.DRO:
+        x = log_p - old_logp
+        loss = torch.where(adv == 0, 0.0, -adv * log_p) + 0.5 * spec.dro_beta * x * x
+        alpha = (adv - spec.dro_beta * x) * one_minus_p
     else:
         loss, alpha, target, clamped = _lco_head(d, log_p, log_1mp, adv, spec.rho_pos, spec.rho_neg)
         if spec.has_old:
@@ -111,6 +148,9 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
         kl, dkl = _kl_term(log_p, ref_logp, spec.kl_type)
+        if spec.bias_correction_kl:
+            ratio = torch.exp(log_p - old_logp)
+            kl, dkl = kl * ratio, (dkl + kl) * ratio
         loss = loss + spec.beta * kl
         alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
     alpha = torch.where(only_option, 0.0, alpha)

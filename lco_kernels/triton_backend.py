@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import Kind
 from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT, STAT_ROWS
 from .triton_heads import row_head
 
@@ -91,8 +92,10 @@ def _forward_kernel(
     rows_ptr, stats_ptr, partials_ptr,
     V, vocab_start, ignore_index,
     inv_temp, rho_pos, rho_neg, eps_low, eps_high, clip_c, beta, entropy_coef,
+    tau_pos, tau_neg, delta_low, delta_high, trunc_c, dro_beta,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
     DUAL_CLIP: tl.constexpr, NEED_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, MODE: tl.constexpr,
+    DIVERGENCE: tl.constexpr, BIAS_KL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -165,7 +168,9 @@ def _forward_kernel(
             inv_temp, tl.cast(rho_pos, tl.float32), tl.cast(rho_neg, tl.float32),
             tl.cast(eps_low, tl.float32), tl.cast(eps_high, tl.float32), tl.cast(clip_c, tl.float32),
             tl.cast(beta, tl.float32), tl.cast(entropy_coef, tl.float32),
-            LOSS, HAS_OLD, HAS_REF, KL_TYPE, DUAL_CLIP, NEED_ENTROPY)
+            tl.cast(tau_pos, tl.float32), tl.cast(tau_neg, tl.float32), tl.cast(delta_low, tl.float32),
+            tl.cast(delta_high, tl.float32), tl.cast(trunc_c, tl.float32), tl.cast(dro_beta, tl.float32),
+            LOSS, HAS_OLD, HAS_REF, KL_TYPE, DUAL_CLIP, NEED_ENTROPY, DIVERGENCE, BIAS_KL)
         state = rows_ptr + row * _ROW_K
         tl.store(state + _R_LOSS, loss)
         tl.store(state + _R_ALPHA, alpha)
@@ -265,11 +270,15 @@ def _launch_forward(mode, logits3d, labels, advantages, old_logprobs, ref_logpro
         old_logprobs if spec.has_old else anything, ref_logprobs if spec.has_ref else anything,
         anything if rows is None else rows, stats if with_stats else anything, anything if partials is None else partials,
         V, int(vocab_start), int(ignore_index),
-        1.0 / spec.temperature, spec.rho_pos, spec.rho_neg, spec.epsilon_low, spec.epsilon_high,
-        spec.dual_clip or 0.0, spec.beta, spec.entropy_coef,
+        1.0 / spec.temperature, spec.rho_pos, spec.rho_neg,
+        1.0 if spec.epsilon_low is None else spec.epsilon_low,  # CISPO's one-sided cap: lower bound 1 − 1 = 0
+        spec.epsilon_high, spec.dual_clip or 0.0, spec.beta, spec.entropy_coef,
+        spec.tau_pos, spec.tau_neg, spec.delta_low, spec.delta_high, spec.clip_ratio_c, spec.dro_beta,
         LOSS=int(spec.kind), HAS_OLD=spec.has_old, HAS_REF=spec.has_ref,
         KL_TYPE=int(spec.kl_type) if spec.has_ref else 0,  # one compiled variant when there is no KL term
         DUAL_CLIP=spec.dual_clip is not None, NEED_ENTROPY=need_entropy, WITH_STATS=with_stats, MODE=mode,
+        DIVERGENCE=spec.divergence if spec.kind == Kind.DPPO else 0,  # one compiled variant for the other losses
+        BIAS_KL=spec.bias_correction_kl,
         BLOCK_V=block_v, num_warps=num_warps,
     )
     return rows, stats

@@ -15,13 +15,17 @@ For a loss that sees the logits only through log p_i, α = −(∂L/∂log p_i)�
 import triton
 import triton.language as tl
 
-from .registry import KL, Kind
+from .registry import DIVERGENCES, KL, Kind
 
 SFT: tl.constexpr = tl.constexpr(int(Kind.SFT))
 PG: tl.constexpr = tl.constexpr(int(Kind.PG))
 PPO: tl.constexpr = tl.constexpr(int(Kind.PPO))
 CISPO: tl.constexpr = tl.constexpr(int(Kind.CISPO))
 LCO: tl.constexpr = tl.constexpr(int(Kind.LCO))
+SAPO: tl.constexpr = tl.constexpr(int(Kind.SAPO))
+DPPO: tl.constexpr = tl.constexpr(int(Kind.DPPO))
+DRO: tl.constexpr = tl.constexpr(int(Kind.DRO))
+TV: tl.constexpr = tl.constexpr(DIVERGENCES["tv"])
 K1: tl.constexpr = tl.constexpr(int(KL.K1))
 K2: tl.constexpr = tl.constexpr(int(KL.K2))
 K3: tl.constexpr = tl.constexpr(int(KL.K3))
@@ -58,6 +62,15 @@ def _two_diff(a, b):
     b_virtual = a - r
     err = (a - (r + b_virtual)) + (b_virtual - b)
     return r, tl.where(tl.abs(r) < _INF, err, 0.0)  # an infinite difference has no rounding error
+
+
+@triton.jit
+def _log1mexp(x):
+    # log(1 − e^x) for x ≤ 0 to full precision: log(−expm1(x)) near 0, log1p(−e^x) below −log 2;
+    # expm1 as (u − 1)·x / log u, u = e^x (Kahan), which keeps x's digits where u rounds near 1.
+    u = tl.exp(x)
+    expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return tl.where(x > -0.6931471805599453, tl.log(-expm1), _log1p(-u))
 
 
 @triton.jit
@@ -114,8 +127,9 @@ def _kl_term(log_p, ref_logp, KL_TYPE: tl.constexpr):
 
 
 @triton.jit
-def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, eps_high, clip_c,
-                 LOSS: tl.constexpr, HAS_OLD: tl.constexpr, DUAL_CLIP: tl.constexpr):
+def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, eps_high, clip_c, tau_pos, tau_neg,
+                 delta_low, delta_high, trunc_c, dro_beta,
+                 LOSS: tl.constexpr, HAS_OLD: tl.constexpr, DUAL_CLIP: tl.constexpr, DIVERGENCE: tl.constexpr):
     """(loss, alpha, target_prob, clamped, clipped) of the policy loss ``LOSS`` for one row."""
     one_minus_p = tl.exp(log_1mp)
     target = tl.full([], 0.0, tl.float32)
@@ -146,11 +160,53 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, ep
         alpha = tl.where(live, adv * ratio * one_minus_p, 0.0)
     elif LOSS == CISPO:
         ratio = tl.exp(log_p - old_logp)
-        weight = tl.minimum(ratio, 1.0 + eps_high)  # a constant in the gradient (stop-gradient)
+        # [1 − ε_low, 1 + ε_high]; the launcher passes ε_low = 1 for the one-sided cap (r ≥ 0 = 1 − 1)
+        lower = 1.0 - eps_low
+        weight = _clamp(ratio, lower, 1.0 + eps_high)  # a constant in the gradient (stop-gradient)
         # p_i = 0 gives weight 0 and log p_i = −inf: r·log p_i → 0 as p_i → 0 (and 0 when Ψ = 0)
         loss = tl.where(weight * adv == 0.0, 0.0, -weight * adv * log_p)
         alpha = weight * adv * one_minus_p
-        clipped = ratio > 1.0 + eps_high
+        clipped = (ratio > 1.0 + eps_high) | (ratio < lower)
+    elif LOSS == SAPO:
+        # verl's gate: r = exp(clamp(log r, ±20)), L = −(4/τ)·σ(τ(r − 1))·Ψ, τ = τ_pos if Ψ > 0;
+        # ∂L/∂log p_i = −4·σ(1 − σ)·r·Ψ (0 where the clamp binds),
+        # σ(1 − σ) = e/(1 + e)², e = e^{−|x|}
+        log_ratio = log_p - old_logp
+        ratio = tl.exp(_clamp(log_ratio, -20.0, 20.0))
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        x = tau * (ratio - 1.0)
+        e = tl.exp(-tl.abs(x))
+        sigmoid = tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+        loss = -(4.0 / tau) * sigmoid * adv
+        alpha = tl.where(tl.abs(log_ratio) <= 20.0, 4.0 * (e / ((1.0 + e) * (1.0 + e))) * ratio * adv * one_minus_p,
+                         0.0)
+    elif LOSS == DPPO:
+        # verl's dppo_tv / dppo_kl: −sg(min(r, C))·Ψ·log p_i where the token stays inside the
+        # divergence trust region in the direction Ψ pushes (a detached mask), 0 elsewhere
+        ratio = tl.exp(_clamp(log_p - old_logp, -20.0, 20.0))
+        p = tl.exp(log_p)
+        p_old = tl.exp(old_logp)
+        if DIVERGENCE == TV:
+            inside_pos = p - p_old <= delta_high
+            inside_neg = p - p_old >= -delta_low
+        else:
+            # KL(Bernoulli(p_old) ‖ Bernoulli(p_i)), with log(1 − p_i) from the head (exact as p_i → 1)
+            log_1mp_old = _log1mexp(old_logp)
+            q_old = tl.exp(log_1mp_old)
+            bkl = (tl.where(p_old > 0.0, p_old * (old_logp - log_p), 0.0)
+                   + tl.where(q_old > 0.0, q_old * (log_1mp_old - log_1mp), 0.0))
+            inside_pos = (bkl <= delta_high) | (p <= p_old)
+            inside_neg = (bkl <= delta_low) | (p >= p_old)
+        inside = tl.where(adv > 0, inside_pos, inside_neg)
+        weight = tl.where(inside, tl.minimum(ratio, trunc_c), 0.0)
+        loss = tl.where(weight * adv == 0.0, 0.0, -weight * adv * log_p)
+        alpha = weight * adv * one_minus_p
+        clipped = ~inside
+    elif LOSS == DRO:
+        # −Ψ·log p_i + (β/2)·x², x = log p_i − log p_old; ∂L/∂log p_i = −Ψ + β·x
+        x = log_p - old_logp
+        loss = tl.where(adv == 0.0, 0.0, -adv * log_p) + 0.5 * dro_beta * x * x
+        alpha = (adv - dro_beta * x) * one_minus_p
     else:
         loss, alpha, target, clamped = _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg)
         if HAS_OLD:
@@ -166,8 +222,9 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, ep
 @triton.jit
 def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp,
              inv_temp, rho_pos, rho_neg, eps_low, eps_high, clip_c, beta, entropy_coef,
+             tau_pos, tau_neg, delta_low, delta_high, trunc_c, dro_beta,
              LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-             DUAL_CLIP: tl.constexpr, NEED_ENTROPY: tl.constexpr):
+             DUAL_CLIP: tl.constexpr, NEED_ENTROPY: tl.constexpr, DIVERGENCE: tl.constexpr, BIAS_KL: tl.constexpr):
     """One row, after the sweep. Returns
     (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped):
     ``ent_mask`` is 1 where the entropy has a gradient (0 on ignored / one-option rows, NaN on NaN
@@ -183,9 +240,16 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp,
     log_p = -_softplus(-d)
     log_1mp = -_softplus(d)
     loss, alpha, target, clamped, clipped = _policy_term(
-        d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, eps_high, clip_c, LOSS, HAS_OLD, DUAL_CLIP)
+        d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, eps_high, clip_c, tau_pos, tau_neg,
+        delta_low, delta_high, trunc_c, dro_beta, LOSS, HAS_OLD, DUAL_CLIP, DIVERGENCE)
     if HAS_REF:
         kl, dkl = _kl_term(log_p, ref_logp, KL_TYPE)
+        if BIAS_KL:
+            # TRL's use_bias_correction_kl: kl·r with r = p_i / p_old (unclamped, as TRL) differentiable,
+            # so ∂(kl·r)/∂log p_i = (∂kl/∂log p_i + kl)·r
+            ratio = tl.exp(log_p - old_logp)
+            dkl = (dkl + kl) * ratio
+            kl = kl * ratio
         loss += beta * kl
         alpha -= beta * dkl * tl.exp(log_1mp)
     entropy = tl.zeros([], tl.float32)

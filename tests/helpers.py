@@ -44,3 +44,13 @@ def assert_grad_close(actual, expected, advantages, dtype):
         atol = GRAD_ATOL_FACTOR[dtype] * float(expected.abs().max())
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=GRAD_RTOL[dtype], atol=atol,
                                equal_nan=True)
+
+
+def spawn(tmp_path, world, *cases):
+    """Run the (function name, args) ``cases`` of tp_worker.run_cases ("module:function" for another worker
+    module) on ``world`` gloo ranks in fresh processes (one process start per rank costs seconds: each
+    spawn runs many cases); a failing rank re-raises here."""
+    import torch.multiprocessing as mp
+
+    import tp_worker
+    mp.spawn(tp_worker.run_cases, args=(world, f"file://{tmp_path}/rendezvous", list(cases)), nprocs=world, join=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import make_inputs
-from lco_kernels import cispo_loss, lco_loss, pg_loss, ppo_loss, sft_loss, token_logprobs
+import lco_kernels
+from lco_kernels import token_logprobs
 from lco_kernels.diagnostics import aot
 from lco_kernels.diagnostics.traffic import count_traffic
 from lco_kernels.triton_backend import FUSED, HEAD, SWEEP, launch_config
@@ -43,27 +44,22 @@ def test_every_sweep_configuration_compiled(report):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="launch constexprs are read by the interpreter")
 def test_every_head_the_api_launches_is_compiled(report):
-    """Run each public loss (with and without stats) and check its head variant is in the report."""
+    """Run each public loss with each head's options (with and without stats) and check the variant it
+    launches is in the report."""
     logits, labels, adv = make_inputs((4,), 64)
     old = torch.zeros(4)
-    calls = [lambda **k: sft_loss(logits, labels, **k), lambda **k: pg_loss(logits, labels, adv, **k),
-             lambda **k: pg_loss(logits, labels, adv, ref_logprobs=old, beta=0.1, kl_type="abs", **k),
-             lambda **k: ppo_loss(logits, labels, adv, old, **k),
-             lambda **k: ppo_loss(logits, labels, adv, old, dual_clip=3.0, **k),
-             lambda **k: ppo_loss(logits, labels, adv, old, ref_logprobs=old, beta=0.1, **k),
-             lambda **k: ppo_loss(logits, labels, adv, old, ref_logprobs=old, beta=0.1, dual_clip=2.0, **k),
-             lambda **k: cispo_loss(logits, labels, adv, old, **k), lambda **k: lco_loss(logits, labels, adv, **k),
-             lambda **k: lco_loss(logits, labels, adv, old_logprobs=old, **k),
-             lambda **k: lco_loss(logits, labels, adv, ref_logprobs=old, beta=0.1, **k)]
     compiled = {(r["head"], r["stats"]) for r in report if r["kernel"] == "_forward_kernel"}
+    keys = list(aot.heads()[0].constexprs())
     by_constexprs = {tuple(h.constexprs().values()): h.name for h in aot.heads()}
-    for call in calls:
+    for h in aot.heads():
+        args, options = h.arguments(adv, old, old - 0.5)
         for stats in (False, True):
             with count_traffic() as launches:
-                call(backend="triton", return_stats=stats)
+                getattr(lco_kernels, f"{h.loss}_loss")(logits, labels, *args, **options, backend="triton",
+                                                       return_stats=stats)
             c = launches[0].constexprs
-            head = by_constexprs[(c["LOSS"], c["HAS_OLD"], c["HAS_REF"], c["KL_TYPE"], c["DUAL_CLIP"])]
-            assert c["WITH_STATS"] == stats and (head, stats) in compiled
+            assert by_constexprs[tuple(c[k] for k in keys)] == h.name
+            assert c["WITH_STATS"] == stats and (h.name, stats) in compiled
     with count_traffic() as launches:
         token_logprobs(logits.requires_grad_(True), labels, return_entropy=True, backend="triton")[1].sum().backward()
     assert launches[1].constexprs["HAS_ENTROPY"]

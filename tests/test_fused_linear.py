@@ -10,6 +10,7 @@ import torch
 import reference
 from helpers import BACKENDS
 from lco_kernels import LinearLCOLoss, fused_linear_lco_loss, fused_linear_policy_loss
+from lco_kernels.registry import LOSSES
 from lco_kernels.fused_linear import default_chunk_size
 from lco_kernels.reductions import REDUCTIONS
 
@@ -65,14 +66,19 @@ def test_parity_every_reduction(backend, dtype, chunk_size, device):
         assert h.grad.dtype == dtype and w.grad.dtype == dtype and b.grad.dtype == dtype
 
 
+# options beside the defaults: DRO's required β, DPPO's other divergence
+OPTIONS = {"dro": {"dro_beta": 0.4}, "dppo": {"divergence": "kl", "delta_high": 0.05}}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", ["sft", "pg", "ppo", "cispo"])
+@pytest.mark.parametrize("loss", sorted(set(LOSSES) - {"lco"}))
 def test_other_losses(backend, loss, device):
     hidden, weight, _, labels, adv = linear_inputs((7,), 16, 129, torch.float32, device, bias=False)
     with torch.no_grad():
         logp = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
     old = (logp + 0.3 * torch.randn(7, dtype=torch.float64, device=device)).float()
-    kw = {"old_logprobs": old} if loss in ("ppo", "cispo") else {}
+    kw = {"old_logprobs": old} if LOSSES[loss].old_logprobs == "required" else {}
+    kw.update(OPTIONS.get(loss, {}))
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     out = fused_linear_policy_loss(h, w, labels, None if loss == "sft" else adv, loss=loss, chunk_size=2,
                                    backend=backend, **kw)

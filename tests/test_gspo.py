@@ -16,13 +16,9 @@ import torch
 
 import reference
 from helpers import BACKENDS, assert_grad_close, assert_loss_close
+from verl_actor import VERL_MODES, verl_actor_loss
 from lco_kernels import fused_linear_gspo_loss, gspo_loss
 from lco_kernels.diagnostics.traffic import count_traffic, summarize
-
-# our reduction -> verl's loss_agg_mode
-VERL_MODES = {"mean": "token-mean", "seq-mean-token-mean": "seq-mean-token-mean",
-              "seq-mean-token-sum": "seq-mean-token-sum", "seq-mean-token-sum-norm": "seq-mean-token-sum-norm"}
-
 
 def gspo_inputs(B=4, T=9, V=300, dtype=torch.float32, temperature=1.0, clip=False):
     """Logits, labels (some ignored, none all-ignored), per-sequence advantages and old log-probs that
@@ -42,27 +38,9 @@ def gspo_inputs(B=4, T=9, V=300, dtype=torch.float32, temperature=1.0, clip=Fals
     return logits, labels, adv.float(), old.float()
 
 
-def verl_loss(z, labels, adv, old, reduction, temperature=1.0, eps=(3e-4, 4e-4), ref=None, beta=0.0, kl_type="k3",
-              entropy_coef=0.0):
-    """verl's actor loss in float64 on float64 logits ``z`` (in an autograd graph): verl's own gspo policy loss,
-    plus β·KL (``reference.policy.kl_penalty``, verl's estimators) minus c·entropy, each aggregated with the same
-    mode (``reference.aggregate``, verl's agg_loss), as verl's actor adds them."""
-    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
-    from verl.workers.config import FSDPActorConfig
-    mode = VERL_MODES[reduction]
-    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=eps[0],
-                          clip_ratio_high=eps[1], loss_agg_mode=mode)
-    logp = reference.token_logprobs(z / temperature, labels, -100)
-    valid = labels != -100
-    old64 = torch.where(valid, old.double(), 0.0)
-    loss, _ = core_algos.get_policy_loss_fn("gspo")(old64, logp, adv.double().expand(labels.shape), valid.double(),
-                                                     mode, cfg)
-    if beta:
-        kl = reference.policy.kl_penalty(logp, torch.where(valid, ref.double(), 0.0), kl_type)
-        loss = loss + beta * reference.aggregate(kl, valid, reduction)
-    if entropy_coef:
-        loss = loss - entropy_coef * reference.aggregate(reference.policy.entropy(z / temperature), valid, reduction)
-    return loss
+def verl_loss(z, labels, adv, old, reduction, temperature=1.0, eps=(3e-4, 4e-4), **kw):
+    """verl's actor loss with its own gspo policy loss, in float64 (tests/verl_actor.py)."""
+    return verl_actor_loss("gspo", z, labels, adv, old, reduction, temperature=temperature, eps=eps, **kw)
 
 
 def verl_gspo(logits, labels, adv, old, reduction, **kw):
@@ -342,3 +320,29 @@ def test_bad_input():
         fused_linear_gspo_loss(hidden, weight, labels, adv, old, beta=0.1)
     with pytest.raises(ValueError, match="weight"):
         fused_linear_gspo_loss(hidden, weight[:, :3], labels, adv, old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_corrected_kl_as_trl_sequence_level(backend):
+    """bias_correction_kl: TRL's loss_type="grpo" with importance_sampling_level="sequence" and
+    use_bias_correction_kl, in float64 as TRL's _compute_loss writes it (k3 × the sequence's coef_1 =
+    exp(mean log-ratio), differentiable; its "grpo" aggregation: our "seq-mean-token-mean")."""
+    logits, labels, adv, old = gspo_inputs(clip=True)
+    ref = ref_inputs(logits, labels, 1.0)
+    z = logits.double().requires_grad_(True)
+    logp = reference.token_logprobs(z, labels, -100)
+    mask = (labels != -100).double()
+    log_ratio = logp - torch.where(mask > 0, old.double(), 0.0)
+    coef_1 = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_2 = torch.clamp(coef_1, 1 - 3e-4, 1 + 4e-4)
+    d = torch.where(mask > 0, ref.double(), 0.0) - logp
+    kl = (torch.exp(d) - d - 1) * coef_1
+    per_token = -torch.min(coef_1 * adv.double(), coef_2 * adv.double()) + 0.2 * kl
+    ref_loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    (ref_grad,) = torch.autograd.grad(ref_loss, z)
+    loss, grad = ours(logits, labels, adv, old, "seq-mean-token-mean", backend, ref_logprobs=ref, beta=0.2,
+                      bias_correction_kl=True)
+    print(f"\ngspo bias-corrected KL vs TRL {backend}: max|grad - TRL| / max|grad| = "
+          f"{((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item():.1e}")
+    assert_loss_close(loss, ref_loss.detach(), adv)
+    assert_grad_close(grad, ref_grad, adv, torch.float32)

@@ -87,8 +87,13 @@ def _spec(head):
     if head.dual_clip:
         kw["dual_clip"] = 3.0
     if head.kl_type is not None:
-        kw.update(ref_logprobs=True, beta=0.3, kl_type=head.kl_type.name.lower())
-    return loss_spec(head.loss, temperature=0.8, entropy_coef=0.01, **kw)
+        kw.update(ref_logprobs=True, beta=0.3, kl_type=head.kl_type.name.lower(), bias_correction_kl=head.bias_kl)
+    if head.divergence is not None:
+        kw.update(divergence=head.divergence, delta_low=0.05, delta_high=0.1)
+    if head.loss == "cispo" and head.kl_type is not None:
+        kw["epsilon_low"] = 0.25    # verl's two-sided clamp (the others: the one-sided cap)
+    return loss_spec(head.loss, temperature=0.8, entropy_coef=0.01, epsilon_low=kw.pop("epsilon_low", None),
+                     tau_pos=1.3, tau_neg=0.8, dro_beta=0.4, **kw)
 
 
 def _close(a, b, what):

@@ -69,8 +69,9 @@ def test_registered_lco_as_verl_actor_calls_it(loss_agg_mode, global_counts):
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tokens, global_batch_size=n_seqs)
     config = actor_config(loss_agg_mode)
 
-    # verl's actor: log-probs of the packed logits (its CPU route: gather − logsumexp), then ppo_loss
-    log_probs = verl_functional.logprobs_from_logits(logits, torch.roll(input_ids, -1))
+    # verl's actor: log-probs of the packed logits (with this module imported: token_logprobs, its backward in
+    # place as verl's engines ask, into a copy here since the logits are used again below), then ppo_loss
+    log_probs = verl_functional.logprobs_from_logits(logits.clone(), torch.roll(input_ids, -1))
     loss_verl, metrics = ppo_loss(config, {"log_probs": log_probs}, data)
     (grad_verl,) = torch.autograd.grad(loss_verl, logits)
 
@@ -133,30 +134,61 @@ def hook_gradient(logits, labels, advantages, logprobs_fn):
 @pytest.mark.parametrize("lead", [10.0, 16.0, 20.0, 30.0])
 def test_precision_on_confident_tokens(lead):
     """verl's own log-probs (gather − logsumexp in fp32) lose 1 − p_i on confident tokens, so the hook's
-    gradient is inexact there; with use_exact_logprobs() (lco_kernels.token_logprobs) it matches the
-    float64 closed form as the fused loss does. The errors printed here are the README's table."""
+    gradient is wrong there (from a lead of ~16 on, p_i rounds to 1 and the token's loss and gradient are lost);
+    verl's log-probs as this module leaves them by default (lco_kernels.token_logprobs) match the float64 closed
+    form as the fused loss does: every step is finite and exact. The errors printed here are the documented table."""
     logits, labels, advantages = confident_rows(lead)
     _, g_ref = lco_rows_closed_form(logits, labels, advantages)  # float64, log domain: exact at any lead
     scale = g_ref.abs().max().item()
-    g_verl = hook_gradient(logits, labels, advantages, verl_functional.logprobs_from_logits)
-    g_exact = hook_gradient(logits, labels, advantages, lco_verl.exact_logprobs_from_logits)
+    g_verl = hook_gradient(logits, labels, advantages, lco_verl.VERL_LOGPROBS_FROM_LOGITS)
+    g_default = hook_gradient(logits, labels, advantages, verl_functional.logprobs_from_logits)
     z = logits.clone().requires_grad_()
     (g_fused,) = torch.autograd.grad(lco_kernels.lco_loss(z, labels, advantages, reduction="sum"), z)
     err = {name: ((g - g_ref).abs().max().item() / scale) for name, g in
-           (("verl log_softmax", g_verl), ("token_logprobs", g_exact), ("fused lco_loss", g_fused))}
+           (("verl's own log-probs (LCO_VERL_EXACT_LOGPROBS=0)", g_verl), ("default (token_logprobs)", g_default),
+            ("fused lco_loss", g_fused))}
     print(f"lead {lead}: max |grad error| / max |grad|: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+    assert verl_functional.logprobs_from_logits is lco_verl.exact_logprobs_from_logits  # the import's default
+    assert torch.isfinite(g_default).all()
     assert err["fused lco_loss"] < 1e-5
-    assert err["token_logprobs"] < 1e-5
+    assert err["default (token_logprobs)"] < 1e-5
+    if lead >= 16:  # what the default avoids: verl's own log-probs lose the confident tokens' gradient
+        assert err["verl's own log-probs (LCO_VERL_EXACT_LOGPROBS=0)"] > 0.1
+
+
+def verl_modules_with_own_logprobs(monkeypatch):
+    """Every imported verl module holding ``logprobs_from_logits`` set back to verl's own, as in a process that
+    has not imported this module (monkeypatch restores them after the test)."""
+    with warnings.catch_warnings():  # its ray import warns about ray.experimental, not our concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import verl.workers.rollout.naive.naive_rollout  # noqa: F401  imports logprobs_from_logits by name
+    for name, module in list(sys.modules.items()):
+        if name.startswith("verl") and hasattr(module, "logprobs_from_logits"):
+            monkeypatch.setattr(module, "logprobs_from_logits", lco_verl.VERL_LOGPROBS_FROM_LOGITS)
+    return sys.modules["verl.workers.rollout.naive.naive_rollout"]
+
+
+@pytest.mark.parametrize("env, exact", [(None, True), ("1", True), ("0", False)])
+def test_exact_logprobs_by_default_with_opt_out(monkeypatch, env, exact):
+    """What importing the module does: verl's log-probs from token_logprobs unless LCO_VERL_EXACT_LOGPROBS=0."""
+    naive = verl_modules_with_own_logprobs(monkeypatch)
+    if env is None:
+        monkeypatch.delenv("LCO_VERL_EXACT_LOGPROBS", raising=False)
+    else:
+        monkeypatch.setenv("LCO_VERL_EXACT_LOGPROBS", env)
+    lco_verl._logprobs_from_environment()
+    expected = lco_verl.exact_logprobs_from_logits if exact else lco_verl.VERL_LOGPROBS_FROM_LOGITS
+    assert verl_functional.logprobs_from_logits is expected and naive.logprobs_from_logits is expected
+
+
+def test_exact_logprobs_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("LCO_VERL_EXACT_LOGPROBS", "yes")
+    with pytest.raises(ValueError, match="LCO_VERL_EXACT_LOGPROBS"):
+        lco_verl._logprobs_from_environment()
 
 
 def test_use_exact_logprobs_patches_verl_modules(monkeypatch):
-    with warnings.catch_warnings():  # its ray import warns about ray.experimental, not our concern
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import verl.workers.rollout.naive.naive_rollout as naive  # imports logprobs_from_logits by name
-    holders = [m for name, m in list(sys.modules.items())
-               if name.startswith("verl") and hasattr(m, "logprobs_from_logits")]
-    for module in holders:  # monkeypatch restores every patched module after the test
-        monkeypatch.setattr(module, "logprobs_from_logits", module.logprobs_from_logits)
+    naive = verl_modules_with_own_logprobs(monkeypatch)
     lco_verl.use_exact_logprobs()
     assert verl_functional.logprobs_from_logits is lco_verl.exact_logprobs_from_logits
     assert naive.logprobs_from_logits is lco_verl.exact_logprobs_from_logits

@@ -1,4 +1,7 @@
 """The loss family through one vocabulary kernel: every loss × reduction × backend against reference/."""
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ from helpers import BACKENDS, assert_grad_close, assert_loss_close, make_inputs
 from lco_kernels import lco_loss, ppo_loss
 from lco_kernels.diagnostics.aot import heads
 from lco_kernels.reductions import REDUCTIONS
-from lco_kernels.registry import LOSSES
+from lco_kernels.registry import DIVERGENCES, LOSSES, LossSpec
 
 
 def _variant(head):
@@ -21,12 +24,24 @@ def _variant(head):
         extra.update(dual_clip=3.0, epsilon_high=0.28)  # DAPO's clip-higher with verl's dual clip
     if head.kl_type is not None:
         extra.update(ref=True, beta=0.05, kl_type=head.kl_type.name.lower())
-    if head.loss == "cispo":
-        extra["epsilon_high"] = 0.3
+    if head.bias_kl:
+        extra["bias_correction_kl"] = True
+    if head.divergence is not None:
+        extra["divergence"] = head.divergence
+    if head.loss == "cispo":   # the one-sided cap, and verl's two-sided clamp with a KL term
+        extra.update(epsilon_high=0.3, epsilon_low=None if head.kl_type is None else 0.25)
+    if head.loss == "sapo":
+        extra.update(tau_pos=1.3, tau_neg=0.8)
+    if head.loss == "dppo":    # thresholds that put tokens on both sides of the trust region
+        extra.update(delta_low=0.02, delta_high=0.03, clip_ratio_c=1.5)
+    if head.loss == "dro":
+        extra["dro_beta"] = 0.4
     return head.name, getattr(lco_kernels, f"{head.loss}_loss"), head.loss, extra
 
 
-VARIANTS = [_variant(h) for h in heads()]
+# The bias-corrected KL term is the same head code after every loss: here on two losses (every head
+# runs it in tests/test_heads.py and tests/test_traffic.py).
+VARIANTS = [_variant(h) for h in heads() if not h.bias_kl or h.loss in ("ppo", "sapo")]
 NEEDS_OLD = {name for name, info in LOSSES.items() if info.old_logprobs == "required"}
 
 
@@ -178,7 +193,14 @@ def test_stats_against_float64(name, fn, kind, extra, backend, device):
     if extra.get("old"):
         ratio = torch.exp(logp - old.cpu().double())
         if kind == "cispo":
-            expected = ratio > 1 + extra["epsilon_high"]
+            expected = (ratio > 1 + extra["epsilon_high"]) | (ratio < 1 - (extra["epsilon_low"] or 1.0))
+        elif kind == "dppo":
+            _, expected = reference.policy.dppo_token_loss(logp, old.cpu().double(), adv.cpu().double(),
+                                                           extra["divergence"], extra["delta_low"],
+                                                           extra["delta_high"], extra["clip_ratio_c"])
+        elif kind in ("sapo", "dro"):   # nothing clips
+            assert stats.clipped is None
+            return
         elif kind == "ppo":
             _, expected = reference.policy.ppo_token_loss(logp, old.cpu().double(), adv.cpu().double(),
                                                           extra.get("epsilon_low", 0.2),
@@ -195,3 +217,29 @@ def test_grpo_kl_needs_reference_logprobs():
     logits, labels, adv = make_inputs((4,), 50)
     with pytest.raises(ValueError, match="ref_logprobs"):
         ppo_loss(logits, labels, adv, torch.zeros(4), beta=0.1)
+
+
+def _keyword_options(fn):
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+
+def test_public_signatures_follow_the_registry():
+    """Each public per-token loss takes exactly the shared options (those of ``sft_loss``) plus its
+    registry options (``LossInfo.options``), with the registry's default reduction and ``LossSpec``'s
+    defaults for its hyperparameters (or None / no default: "off" or required); ``fused_linear_policy_loss``
+    takes every option of every loss. So the explicit signatures cannot drift from the table."""
+    shared = _keyword_options(lco_kernels.sft_loss)
+    spec_defaults = {f.name: f.default for f in dataclasses.fields(LossSpec)}
+    for name, info in LOSSES.items():
+        options = _keyword_options(getattr(lco_kernels, f"{name}_loss"))
+        assert set(options) == set(shared) | set(info.options), name
+        assert options.pop("reduction") == info.reduction, name
+        for option, default in options.items():
+            if option == "divergence":
+                assert DIVERGENCES[default] == spec_defaults[option]
+            elif option in info.hyperparameters and default not in (None, inspect.Parameter.empty):
+                assert default == spec_defaults[option], (name, option)
+            elif option in shared:
+                assert default == shared[option], (name, option)
+    linear = _keyword_options(lco_kernels.fused_linear_policy_loss)
+    assert set().union(*(info.options for info in LOSSES.values())) <= set(linear)

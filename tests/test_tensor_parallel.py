@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import spawn
 
 from lco_kernels.stats import PART, PARTIALS
 from lco_kernels.tensor_parallel import _BASE_K, combine_partials
@@ -74,15 +75,6 @@ def test_combine_is_identity_for_one_shard():
     z[0] = -torch.inf
     partials = shard_partials(z, torch.randint(0, 11, (6,)), 0)
     torch.testing.assert_close(combine_partials(partials[None]), partials, rtol=0, atol=0)
-
-
-def spawn(tmp_path, world, *cases):
-    """Run the (function name, args) ``cases`` of tp_worker on ``world`` gloo ranks in fresh processes
-    (one process start per rank costs seconds: each spawn runs many cases)."""
-    import torch.multiprocessing as mp
-
-    import tp_worker
-    mp.spawn(tp_worker.run_cases, args=(world, f"file://{tmp_path}/rendezvous", list(cases)), nprocs=world, join=True)
 
 
 def test_two_ranks_equal_split(tmp_path):

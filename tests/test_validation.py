@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import BACKENDS
-from lco_kernels import LCOLoss, LinearLCOLoss, cispo_loss, fused_linear_lco_loss, lco_loss, ppo_loss
+from lco_kernels import (LCOLoss, LinearLCOLoss, cispo_loss, dppo_loss, dro_loss, fused_linear_lco_loss,
+                         fused_linear_policy_loss, lco_loss, ppo_loss, sapo_loss)
 from lco_kernels.diagnostics.traffic import count_traffic
 
 
@@ -75,6 +76,27 @@ FAMILY_CASES = [
     ("max_length", lambda z, l, a: lco_loss(z, l, a, reduction="seq-mean-token-sum-norm", max_length=0),
      ValueError, "max_length"),
     ("return_stats type", lambda z, l, a: lco_loss(z, l, a, return_stats=1), TypeError, "return_stats"),
+    ("cispo epsilon_low >= 1", lambda z, l, a: cispo_loss(z, l, a, a, epsilon_low=1.0), ValueError, "epsilon_low"),
+    ("cispo epsilon_low < 0", lambda z, l, a: cispo_loss(z, l, a, a, epsilon_low=-0.1), ValueError, "epsilon_low"),
+    ("tau_pos <= 0", lambda z, l, a: sapo_loss(z, l, a, a, tau_pos=0.0), ValueError, "tau_pos"),
+    ("tau_neg <= 0", lambda z, l, a: sapo_loss(z, l, a, a, tau_neg=-1.0), ValueError, "tau_neg"),
+    ("tau_pos nan", lambda z, l, a: sapo_loss(z, l, a, a, tau_pos=float("nan")), ValueError, "tau_pos"),
+    ("divergence js", lambda z, l, a: dppo_loss(z, l, a, a, divergence="js"), ValueError, "divergence"),
+    ("delta_low < 0", lambda z, l, a: dppo_loss(z, l, a, a, delta_low=-0.1), ValueError, "delta_low"),
+    ("delta_high < 0", lambda z, l, a: dppo_loss(z, l, a, a, divergence="kl", delta_high=-1.0), ValueError,
+     "delta_high"),
+    ("clip_ratio_c <= 0", lambda z, l, a: dppo_loss(z, l, a, a, clip_ratio_c=0.0), ValueError, "clip_ratio_c"),
+    ("dro_beta <= 0", lambda z, l, a: dro_loss(z, l, a, a, dro_beta=0.0), ValueError, "dro_beta"),
+    ("dro_beta type", lambda z, l, a: dro_loss(z, l, a, a, dro_beta="1"), TypeError, "dro_beta"),
+    ("dro_beta missing", lambda z, l, a: fused_linear_policy_loss(z, torch.randn(10, 10), l, a, loss="dro",
+                                                                  old_logprobs=a), ValueError, "dro_beta"),
+    ("bias_correction_kl type", lambda z, l, a: ppo_loss(z, l, a, a, ref_logprobs=a, beta=0.1, bias_correction_kl=1),
+     TypeError, "bias_correction_kl"),
+    ("bias_correction_kl without old_logprobs", lambda z, l, a: lco_loss(z, l, a, ref_logprobs=a, beta=0.1,
+                                                                         bias_correction_kl=True),
+     ValueError, "bias_correction_kl"),
+    ("sapo without old_logprobs", lambda z, l, a: fused_linear_policy_loss(z, torch.randn(10, 10), l, a, loss="sapo"),
+     ValueError, "old_logprobs"),
 ]
 
 

@@ -11,6 +11,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import datetime  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -270,12 +271,14 @@ def smoke(rank, world, V):
 
 
 def run_cases(rank, world, init_method, cases):
-    """One rank: join the gloo group, run each (function name, args) of ``cases``, leave."""
+    """One rank: join the gloo group, run each (function name, args) of ``cases``, leave. A name
+    "module:function" is a case of another worker module of tests/ (it takes rank, world, *args too)."""
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         for case, args in cases:
-            globals()[case](rank, world, *args)
+            module, _, name = case.rpartition(":")
+            (getattr(importlib.import_module(module), name) if module else globals()[case])(rank, world, *args)
     finally:
         dist.destroy_process_group()
     # Every case passed: leave without interpreter finalisation. With the group destroyed, rank 0 still

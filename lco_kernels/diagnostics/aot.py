@@ -29,7 +29,7 @@ import tempfile
 
 import torch
 
-from ..registry import KL, LOSSES
+from ..registry import DIVERGENCES, KL, LOSSES
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGETS = (80, 90)
@@ -42,27 +42,55 @@ class Head:
     has_old: bool = False
     kl_type: KL | None = None   # None: no reference / KL term
     dual_clip: bool = False
+    divergence: str | None = None   # DPPO's divergence (a key of registry.DIVERGENCES)
+    bias_kl: bool = False           # the KL term weighted by the ratio (bias_correction_kl)
 
     @property
     def name(self):
         return "+".join([self.loss] + ["old"] * self.has_old + ["dual"] * self.dual_clip
-                        + ([self.kl_type.name.lower()] if self.kl_type is not None else []))
+                        + ([self.divergence] if self.divergence is not None else [])
+                        + ([self.kl_type.name.lower()] if self.kl_type is not None else []) + ["bias"] * self.bias_kl)
+
+    def arguments(self, advantages, old_logprobs, ref_logprobs):
+        """(positional arguments after (logits, labels), keyword options) with which the public
+        ``<loss>_loss`` launches this head (a required hyperparameter gets an arbitrary valid value)."""
+        info = LOSSES[self.loss]
+        args = ((advantages,) if info.advantages else ()) + ((old_logprobs,) if info.old_logprobs == "required" else ())
+        options = {}
+        if self.has_old and info.old_logprobs == "optional":
+            options["old_logprobs"] = old_logprobs
+        if self.dual_clip:
+            options["dual_clip"] = 3.0
+        if self.divergence is not None:
+            options["divergence"] = self.divergence
+        if "dro_beta" in info.hyperparameters:
+            options["dro_beta"] = 0.5
+        if self.kl_type is not None:
+            options.update(ref_logprobs=ref_logprobs, beta=0.1, kl_type=self.kl_type.name.lower())
+        if self.bias_kl:
+            options["bias_correction_kl"] = True
+        return args, options
 
     def constexprs(self):
         return dict(LOSS=int(LOSSES[self.loss].kind), HAS_OLD=self.has_old, HAS_REF=self.kl_type is not None,
-                    KL_TYPE=int(self.kl_type or 0), DUAL_CLIP=self.dual_clip)
+                    KL_TYPE=int(self.kl_type or 0), DUAL_CLIP=self.dual_clip,
+                    DIVERGENCE=DIVERGENCES[self.divergence or "tv"], BIAS_KL=self.bias_kl)
 
 
 def heads():
     """Every head variant, derived from the loss registry: each loss with and without its optional
-    old log-probs, dual clip where it has one, with and without the default KL term where it takes
-    advantages; the other KL estimators on one loss (the KL term is loss-independent code)."""
+    old log-probs, dual clip where it has one, each DPPO divergence, with and without the default KL
+    term where it takes advantages, and that term bias-corrected where old log-probs are given; the
+    other KL estimators on one loss (the KL term is loss-independent code)."""
     out = []
     for name, info in LOSSES.items():
         olds = {"required": (True,), "optional": (False, True), "none": (False,)}[info.old_logprobs]
         duals = (False, True) if "dual_clip" in info.hyperparameters else (False,)
-        kls = (None, KL.K3) if info.advantages else (None,)
-        out += [Head(name, old, kl, dual) for old in olds for dual in duals for kl in kls]
+        divergences = tuple(DIVERGENCES) if "divergence" in info.hyperparameters else (None,)
+        for old in olds:
+            kls = ((None, False), (KL.K3, False)) + (((KL.K3, True),) if old else ()) if info.advantages else (
+                (None, False),)
+            out += [Head(name, old, kl, dual, div, bias) for dual in duals for div in divergences for kl, bias in kls]
     out += [Head("pg", kl_type=kl) for kl in KL if kl != KL.K3]
     return out
 

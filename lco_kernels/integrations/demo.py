@@ -3,6 +3,7 @@
     python -m lco_kernels.integrations.demo                      # LCOGRPOTrainer, policy_loss="lco"
     python -m lco_kernels.integrations.demo --policy-loss ppo --fused-linear
     python -m lco_kernels.integrations.demo --policy-loss gspo   # TRL's GSPO (importance_sampling_level="sequence")
+    python -m lco_kernels.integrations.demo --policy-loss trl --loss-type cispo --compare-stock  # TRL's own formula
     python -m lco_kernels.integrations.demo --compare-stock      # also stock GRPOTrainer: step times side by side
 
 Prints, per optimizer step, the loss, its gradient norm, the mean reward and the loss sweep's statistics
@@ -68,6 +69,7 @@ def run(trainer_cls, steps, seed, config=None, **trainer_kwargs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy-loss", default="lco", choices=POLICY_LOSSES)
+    parser.add_argument("--loss-type", default="dapo", help="GRPOConfig's loss_type (both trainers)")
     parser.add_argument("--fused-linear", action="store_true", help="loss from hidden states, without the logits")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,9 +79,11 @@ def main(argv=None):
     start = time.perf_counter()
     times = {}
     # GSPO is TRL's sequence-level importance sampling: the stock trainer with the same config runs it too
-    config = {"importance_sampling_level": "sequence"} if args.policy_loss == "gspo" else {}
+    config = {"loss_type": args.loss_type}
+    if args.policy_loss == "gspo":
+        config["importance_sampling_level"] = "sequence"
     if args.compare_stock:
-        print(f"stock trl.GRPOTrainer (loss_type='dapo'{', importance_sampling_level=sequence' if config else ''})")
+        print(f"stock trl.GRPOTrainer ({', '.join(f'{k}={v!r}' for k, v in config.items())})")
         times["stock GRPOTrainer"] = run(GRPOTrainer, args.steps, args.seed, config)
     print(f"LCOGRPOTrainer(policy_loss={args.policy_loss!r}, fused_linear={args.fused_linear})")
     times["LCOGRPOTrainer"] = run(LCOGRPOTrainer, args.steps, args.seed, config, policy_loss=args.policy_loss,

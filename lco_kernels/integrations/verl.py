@@ -19,11 +19,19 @@ environment variables ``LCO_RHO_POS`` / ``LCO_RHO_NEG`` (set them in the Ray run
 Ray workers import this module when verl is imported with
 ``VERL_USE_EXTERNAL_MODULES=lco_kernels.integrations.verl`` in their environment.
 
-Precision: verl's hook sees per-token log-probs, not logits, so LCO runs in its log-prob form;
-the gradient is exact only as far as the log-probs verl hands over are (README, "Use with verl",
-gives the measured error). ``use_exact_logprobs()`` (or ``LCO_VERL_EXACT_LOGPROBS=1`` at import)
-replaces verl's ``logprobs_from_logits`` by ``lco_kernels.token_logprobs``, whose backward takes
-1 − p_i from the log domain.
+Log-probs: verl's hook sees per-token log-probs, not logits, so LCO runs in its log-prob form, exact only
+as far as those log-probs are. verl's own (``gather − logsumexp`` in fp32 on CPU, flash-attn's
+cross-entropy on GPU) round log p_i to 0 once 1 − p_i is below the logits' spacing (~1e-6 for logits
+of magnitude ~16): the log-prob form then sees p_i = 1, and the confident token's loss and gradient
+are lost (for Ψ < 0 LCO's gradient there is |Ψ|·(1 − ρ)·p_i, not small), and a log-prob rounded above 0
+(as a GPU cross-entropy may give) makes its row NaN. So importing this module
+makes verl compute its log-probs with ``lco_kernels.token_logprobs`` (``use_exact_logprobs()``), which
+keeps log p_i's digits and takes 1 − p_i from the log domain in its backward: the hook's gradient is
+then the fused loss's. This replaces verl's ``logprobs_from_logits`` for every policy loss of the
+process (the values are verl's to rounding). Opt out with ``LCO_VERL_EXACT_LOGPROBS=0`` in the
+workers' environment; ``VERL_LOGPROBS_FROM_LOGITS`` is verl's own function. verl's
+``use_fused_kernels=True`` path computes log-probs inside its own fused linear kernel, which this does
+not replace.
 """
 import os
 import sys
@@ -35,6 +43,7 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 import lco_kernels
 
 _DEFAULT_RHO = (1.8, 0.9)
+VERL_LOGPROBS_FROM_LOGITS = verl_functional.logprobs_from_logits  # verl's own (before use_exact_logprobs)
 
 
 def lco_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
@@ -114,6 +123,15 @@ def use_exact_logprobs():
             module.logprobs_from_logits = exact_logprobs_from_logits
 
 
+def _logprobs_from_environment():
+    """At import: verl's log-probs from ``token_logprobs`` unless ``LCO_VERL_EXACT_LOGPROBS=0``."""
+    value = os.environ.get("LCO_VERL_EXACT_LOGPROBS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LCO_VERL_EXACT_LOGPROBS must be 1 (the default: verl's log-probs from token_logprobs) "
+                         f"or 0 (verl's own), got {value!r}")
+    if value == "1":
+        use_exact_logprobs()
+
+
 register_policy_loss("lco")(lco_policy_loss)
-if os.environ.get("LCO_VERL_EXACT_LOGPROBS", "0") == "1":
-    use_exact_logprobs()
+_logprobs_from_environment()
