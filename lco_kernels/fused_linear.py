@@ -92,8 +92,6 @@ def _forward(hidden, weight, bias, labels, advantages, old_logprobs, ref_logprob
 
     _chunk_loop(x, weight_p, bias_p, labels, chunk_size, impl, spec, 0 if tp is None else tp[1], grads,
                 forward_chunk)
-    if not (entropy_grad or with_stats):
-        rows_state[:, ROW["ent_mask"]:] = 0  # left unwritten by the sweeps; an op's outputs must be well defined
     return rows_state, stats, None if grads is None else grads.finish(*_dtypes(hidden, weight, bias))
 
 

@@ -16,9 +16,10 @@ def _layout(*names):
     return names, {name: k for k, name in enumerate(names)}
 
 
-# What the forward keeps per row for the backward and the outputs. The last four are written only
-# when the entropy is needed (an entropy term, the entropy output, or stats).
-ROW_STATE, ROW = _layout("loss", "alpha", "m", "log_s", "ent_mask", "log_p", "log_1mp", "entropy")
+# What the forward keeps per row for the backward and the outputs. log_p, log_1mp, ent_mask and
+# entropy are zero unless the entropy is needed (an entropy term, the entropy output, or stats).
+# The order groups what a head masks: NaN rows set loss..entropy, ignored rows zero all but m, log_s.
+ROW_STATE, ROW = _layout("m", "log_s", "log_p", "log_1mp", "loss", "alpha", "ent_mask", "entropy")
 # Raw sweep quantities of one vocabulary shard (vocabulary-parallel use): combined across shards,
 # they are all a head needs. ``owned``: 1 where the sampled label lies in this shard.
 PARTIALS, PART = _layout("m", "s", "z_i", "owned", "u", "q")

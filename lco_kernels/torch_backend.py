@@ -40,62 +40,103 @@ def _scaled(view, inv_temp, out):
     return out.copy_(view).mul_(inv_temp)
 
 
+# On the CPU the sweep takes its reference m as the max of the whole row, the label included (one
+# pass, no scaled copy); the sums still exclude the label. A row whose sum then falls below this
+# (the label leads the rest by over 44 nats, or no other option) is swept again with the label
+# excluded from the max, so s keeps its relative precision.
+_TINY = 2.0 ** -64
+
+
+def _shifted(view, m, inv_temp, out):
+    """``out`` = view / τ − m per row in the compute dtype, one pass (a fused multiply-add); rows with
+    m = −inf are shifted by 0 (every logit −inf: e = 0, not NaN)."""
+    m_ref = torch.where(torch.isneginf(m), 0.0, m)
+    return torch.add(-m_ref[:, None], view, alpha=inv_temp, out=out)
+
+
+def _exclude_label(z, lab, here):
+    z.scatter_(1, lab, torch.where(here, -torch.inf, z.gather(1, lab)))
+
+
+def _exp_sums(z, need_entropy):
+    """(s, u, q) over each row of z = z − m (−inf where excluded): s = Σ e, u = Σ e·z, q = Σ e², e = e^z
+    (u, q None without the entropy). Overwrites z."""
+    if not need_entropy:
+        return z.exp_().sum(dim=1), None, None
+    e = z.exp()
+    return e.sum(dim=1), torch.where(e > 0, e * z, 0.0).sum(dim=1), (e * e).sum(dim=1)
+
+
+def _sweep_excluded(view, lab, here, inv_temp, out, need_entropy):
+    """(m, s, u, q) of a chunk with m the max without the label (any device)."""
+    z = _scaled(view, inv_temp, out)
+    _exclude_label(z, lab, here)
+    m = z.amax(dim=1)
+    z.sub_(torch.where(torch.isneginf(m), 0.0, m)[:, None])
+    return (m, *_exp_sums(z, need_entropy))
+
+
+def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
+    """``_sweep_excluded``'s values with m the max of the whole row (see _TINY): max, shift, exp and sum
+    (4 passes; on a GPU the test for rows to redo would be a host sync)."""
+    m = view.amax(dim=1).to(out.dtype)
+    if inv_temp != 1.0:
+        m = m * inv_temp  # the max of z/τ: scaling by τ⁻¹ > 0 keeps the order
+    z = _shifted(view, m, inv_temp, out)
+    _exclude_label(z, lab, here)
+    values = [m, *_exp_sums(z, need_entropy)]
+    redo = (values[1] < _TINY).nonzero()[:, 0]
+    if redo.numel():
+        exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
+        for v, x in zip(values, exact):
+            if v is not None:
+                v[redo] = x
+    return values
+
+
 def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
-    n = labels.numel()
-    partials = torch.zeros(n, len(PARTIALS), dtype=cdt, device=labels.device)
     local = labels - vocab_start
     owned = (local >= 0) & (local < V) & (labels != ignore_index)
     idx = torch.where(owned, local, 0)[:, None]
+    owned_f = owned.to(cdt)
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    sweep = _sweep_cpu if logits3d.device.type == "cpu" else _sweep_excluded
+    chunks = []
     for rows, view in _row_chunks(logits3d, step):
-        z = _scaled(view, inv_temp, buf[: view.shape[0]])
-        here = owned[rows, None]
-        part = partials[rows]
-        part[:, PART["z_i"]] = torch.where(here, z.gather(1, idx[rows]), 0.0)[:, 0]
-        z.scatter_(1, idx[rows], torch.where(here, -torch.inf, z.gather(1, idx[rows])))
-        # the same online quantities as the kernel, in one step per chunk: m = max (NaN propagates),
-        # e = e^{z − m} against 0 while every logit is −inf
-        m = z.amax(dim=1)
-        m_ref = torch.where(torch.isneginf(m), 0.0, m)
-        z.sub_(m_ref[:, None])
-        e = z.exp()
-        part[:, PART["m"]] = m
-        part[:, PART["s"]] = e.sum(dim=1)
-        part[:, PART["owned"]] = owned[rows].to(cdt)
-        if need_entropy:
-            part[:, PART["u"]] = torch.where(e > 0, e * z, 0.0).sum(dim=1)
-            part[:, PART["q"]] = (e * e).sum(dim=1)
+        here, lab = owned[rows, None], idx[rows]
+        z_i = torch.where(here, view.gather(1, lab).to(cdt) * inv_temp, 0.0)[:, 0]
+        m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
+        if u is None:
+            u = q = torch.zeros_like(s)
+        named = dict(m=m, s=s, z_i=z_i, owned=owned_f[rows], u=u, q=q)
+        chunks.append(torch.stack([named[name] for name in PARTIALS], dim=1))
     # ignored rows sweep nothing (as in the kernel): their values are never used
-    return partials
+    if not chunks:
+        return torch.zeros(0, len(PARTIALS), dtype=cdt, device=labels.device)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
               with_stats):
     """(rows, stats) from (combined) partials; see triton_backend.forward_rows."""
     cdt = partials.dtype
-    col = {name: partials[:, k] for name, k in PART.items()}
-    valid = labels != ignore_index
-    adv = advantages.to(cdt)
+    col = dict(zip(PARTIALS, partials.unbind(1)))
     old = old_logprobs.to(cdt) if spec.has_old else None
     ref = ref_logprobs.to(cdt) if spec.has_ref else None
-    (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped) = row_head(
-        col["z_i"], col["m"], col["s"], col["u"], col["q"], valid, col["owned"] > 0.5, adv, old, ref, spec,
-        need_entropy)
-    out = dict(loss=loss, alpha=alpha, m=col["m"], log_s=torch.log(col["s"]), ent_mask=ent_mask, log_p=log_p,
-               log_1mp=log_1mp, entropy=entropy)
-    rows = torch.stack([out[name] for name in ROW_STATE], dim=1)
-    stats = None
-    if with_stats:
-        named = dict(logprobs=log_p, entropy=entropy, logit_grad_norm=grad_norm, target_prob=target,
-                     clamped=clamped.to(cdt), clipped=clipped.to(cdt))
-        stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32
-                                                                           else cdt)
-    return rows, stats
+    table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], labels != ignore_index,
+                                       col["owned"] > 0.5, advantages.to(cdt), old, ref, spec, need_entropy,
+                                       with_stats)
+    if not with_stats:
+        return table, None
+    named = dict(logprobs=table[:, ROW["log_p"]], entropy=table[:, ROW["entropy"]], logit_grad_norm=table[:, -2],
+                 target_prob=table[:, -1], clamped=clamped.to(cdt), clipped=clipped.to(cdt))
+    stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32 else cdt)
+    return table[:, :len(ROW_STATE)].contiguous(), stats
 
 
 def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
@@ -119,23 +160,23 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     cdt = compute_dtype(logits3d.dtype)
     inv_temp = 1.0 / spec.temperature
     m, log_s = rows[:, ROW["m"]], rows[:, ROW["log_s"]]
+    inv_s_coef = coef * torch.exp(-log_s)  # p̃ = e^{z − m} / s: the 1/s folded into the row's coefficient
     step = _rows_per_chunk(logits3d)
     # When the gradient has the compute dtype, build it in its destination (in place too: each
     # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
-        g = _scaled(view, inv_temp, out if direct else buf[: view.shape[0]])
-        g.sub_(m[rows_, None]).sub_(log_s[rows_, None])            # log p̃
+        g = _shifted(view, m[rows_], inv_temp, out if direct else buf[: view.shape[0]])  # z − m
         here = owned[rows_, None]
         c = coef[rows_, None]
         if ent_coef is not None:
             st = rows[rows_]
-            log_pk = g + st[:, ROW["log_1mp"], None]
+            log_pk = (g - st[:, ROW["log_s"], None]) + st[:, ROW["log_1mp"], None]
             log_pk.scatter_(1, idx[rows_], torch.where(here, st[:, ROW["log_p"], None], log_pk.gather(1, idx[rows_])))
             p_k = log_pk.exp()
             ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
-        g.exp_().mul_(c)
+        g.exp_().mul_(inv_s_coef[rows_, None])
         g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
         if ent_coef is not None:
             g.add_(ent)

@@ -8,11 +8,6 @@ import torch
 from .registry import DIVERGENCES, KL, Kind, LossSpec
 
 
-def softplus(x):
-    # log(1 + e^x) without overflow and with e^x's digits for very negative x (as in the kernel).
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
-
-
 def _logaddexp(a, b):
     hi = torch.maximum(a, b)
     lo = torch.minimum(a, b)
@@ -131,15 +126,25 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
     return loss, alpha, target, clamped, clipped
 
 
-def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy):
-    """(loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target, clamped, clipped) per row;
-    see triton_heads.row_head."""
+def _log_p_pair(d):
+    """(log p_i, log(1 − p_i)) = (−softplus(−d), −softplus(d)), sharing log1p(e^{−|d|}): no overflow,
+    and e^x's digits for very negative x (as in the kernel)."""
+    tail = torch.log1p(torch.exp(-d.abs()))
+    return d.clamp(max=0) - tail, (-d).clamp(max=0) - tail
+
+
+def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy, with_stats):
+    """(table, clamped, clipped) per row; see triton_heads.row_head. ``table`` is (N, 8) in stats.ROW_STATE
+    order (m, log_s, log_p, log_1mp, loss, alpha, ent_mask, entropy; the last four's entropy columns
+    zero without ``need_entropy``), with ``with_stats`` (N, 10) with grad_norm and target appended;
+    ``clamped`` and ``clipped`` are None without ``with_stats`` (which needs ``need_entropy``: callers
+    pass need_entropy or with_stats). One stack and two in-place masks
+    instead of a masking op per output: the head runs as few, wide ops."""
     only_option = s == 0
     log_s = torch.log(s)
     z_rel, z_rel_err = _two_diff(z_i, m)
     d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
-    log_p = -softplus(-d)
-    log_1mp = -softplus(d)
+    log_p, log_1mp = _log_p_pair(d)
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
         kl, dkl = _kl_term(log_p, ref_logp, spec.kl_type)
@@ -148,25 +153,37 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
             kl, dkl = kl * ratio, (dkl + kl) * ratio
         loss = loss + spec.beta * kl
         alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
-    entropy = torch.zeros_like(d)
-    grad_norm = torch.zeros_like(d)
+    alpha = torch.where(only_option, 0.0, alpha)
+    if spec.kind == Kind.LCO:
+        loss = torch.where(only_option, 0.0, loss)
+    columns = [m, log_s, log_p, log_1mp, loss, alpha]
     if need_entropy:
         p, one_minus_p = log_p.exp(), log_1mp.exp()
         h_excl = torch.where(only_option, 0.0, log_s - u / s)
         entropy = (torch.where(p > 0, -p * log_p, 0.0) + torch.where(one_minus_p > 0, -one_minus_p * log_1mp, 0.0)
                    + one_minus_p * h_excl)
-        loss = loss - spec.entropy_coef * entropy
-        grad_norm = alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, q / (s * s))) * (1.0 / spec.temperature)
-    alpha = torch.where(only_option, 0.0, alpha)
-    if spec.kind == Kind.LCO:
-        loss = torch.where(only_option, 0.0, loss)
-    target = torch.where(only_option & valid, 1.0, target)
+        columns[4] = loss - spec.entropy_coef * entropy
+        columns += [(~only_option).to(d.dtype), entropy]
+    else:
+        zero = torch.zeros_like(d)
+        columns[2:4] = [zero, zero]
+        columns += [zero, zero]
+    if with_stats:
+        grad_norm = torch.zeros_like(d)
+        if need_entropy:
+            grad_norm = (alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, q / (s * s)))
+                         * (1.0 / spec.temperature))
+        columns += [grad_norm, torch.where(only_option & valid, 1.0, target)]
+    table = torch.stack(columns, dim=1)
     nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned
     if spec.has_old:   # NaN, or a ratio 0/0 (p_i = 0 and old = −inf): see triton_heads.row_head
         nan_row = nan_row | old_logp.isnan() | (torch.isneginf(log_p) & torch.isneginf(old_logp))
     if spec.has_ref:
         nan_row = nan_row | ref_logp.isnan() | (torch.isneginf(log_p) & torch.isneginf(ref_logp))
-    loss, alpha, entropy, grad_norm = (torch.where(nan_row, torch.nan, x) for x in (loss, alpha, entropy, grad_norm))
-    ent_mask = torch.where(nan_row, torch.nan, torch.where(only_option, 0.0, 1.0)).to(d.dtype)
-    keep = [torch.where(valid, x, 0.0) for x in (loss, alpha, ent_mask, log_p, log_1mp, entropy, grad_norm, target)]
-    return (*keep, valid & clamped, valid & clipped)
+    # NaN rows: loss, alpha (, ent_mask, entropy with the entropy) (, grad_norm with the stats)
+    table[:, 4:table.shape[1] - 1 if with_stats else 8 if need_entropy else 6].masked_fill_(nan_row[:, None],
+                                                                                             torch.nan)
+    table[:, 2:].masked_fill_(~valid[:, None], 0.0)           # all but m and log_s
+    if not with_stats:
+        return table, None, None
+    return table, valid & clamped, valid & clipped

@@ -6,7 +6,7 @@ lse₋ᵢ = m + log s and p̃_k = e^{(z_k − m) − log s} (k ≠ i); ``alpha``
 gradient α·(p̃ − e_i).
 
 * forward (sweep 1 + ``row_head``): reads the logits once; writes the per-row state (stats.ROW_STATE:
-  loss, alpha, m, log s, and with the entropy log p_i, log(1 − p_i), H) and, on request, the
+  m, log s, loss, alpha, and with the entropy log p_i, log(1 − p_i), H, else zeros there) and, on request, the
   per-token statistics. It can also run split for vocabulary-parallel use: ``sweep_rows`` writes
   a shard's raw quantities (stats.PARTIALS) and ``head_rows`` runs the head on combined ones.
 * backward (sweep 2): reads the logits once more and writes the gradient once, ``coef·p̃`` off the
@@ -181,6 +181,11 @@ def _forward_kernel(
             tl.store(state + _R_LOG_P, log_p)
             tl.store(state + _R_LOG_1MP, log_1mp)
             tl.store(state + _R_ENTROPY, entropy)
+        else:  # zeros: the row state is fully written by the launch (no fill after it)
+            tl.store(state + _R_ENT_MASK, 0.0)
+            tl.store(state + _R_LOG_P, 0.0)
+            tl.store(state + _R_LOG_1MP, 0.0)
+            tl.store(state + _R_ENTROPY, 0.0)
         if WITH_STATS:
             stats_row = stats_ptr + row * _STAT_K
             tl.store(stats_row + _S_LOGPROBS, log_p)

@@ -169,7 +169,8 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, rho_pos, rho_neg, eps_low, ep
         clipped = (ratio > 1.0 + eps_high) | (ratio < lower)
     elif LOSS == SAPO:
         # verl's gate: r = exp(clamp(log r, ±20)), L = −(4/τ)·σ(τ(r − 1))·Ψ, τ = τ_pos if Ψ > 0;
-        # ∂L/∂log p_i = −4·σ(1 − σ)·r·Ψ (0 where the clamp binds), σ(1 − σ) = e/(1 + e)², e = e^{−|x|}
+        # ∂L/∂log p_i = −4·σ(1 − σ)·r·Ψ (0 where the clamp binds),
+        # σ(1 − σ) = e/(1 + e)², e = e^{−|x|}
         log_ratio = log_p - old_logp
         ratio = tl.exp(_clamp(log_ratio, -20.0, 20.0))
         tau = tl.where(adv > 0, tau_pos, tau_neg)

@@ -155,3 +155,20 @@ def test_bad_input():
         kl_cov_loss(logits, labels, adv, old, ppo_kl_coef=-0.1)
     with pytest.raises(ValueError, match="epsilon_low"):
         clip_cov_loss(logits, labels, adv, old, epsilon_low=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_cov_stats_against_verl(backend):
+    """logit_grad_norm: ‖∂ℓ_t/∂z_t‖ of each token's own term; verl's token-mean loss × the valid-token count
+    holds it in row t (the selection is detached)."""
+    torch.manual_seed(5)
+    logits, labels, adv, old, _ = cov_inputs()
+    valid = labels != -100
+    z = logits.double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(verl_actor_loss("kl_cov", z, labels, adv, old, "mean", kl_cov_ratio=0.1,
+                                                  ppo_kl_coef=0.5) * valid.sum(), z)
+    _, stats = kl_cov_loss(logits, labels, adv, old, kl_cov_ratio=0.1, ppo_kl_coef=0.5, backend=backend,
+                           return_stats=True)
+    norm = torch.where(valid, grad.norm(dim=-1), 0.0)
+    torch.testing.assert_close(stats.logit_grad_norm.double(), norm, rtol=1e-5, atol=1e-6 * float(norm.max()))
+    assert stats.clipped is None

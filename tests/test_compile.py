@@ -68,13 +68,13 @@ def _policy_forward_args(backend, device, loss, need_entropy, with_stats):
     z, y, a, o, r = _inputs(device=device)
     spec = loss_spec(loss, old_logprobs=o, ref_logprobs=r, beta=0.1, entropy_coef=0.01 if need_entropy else 0.0)
     return (z.requires_grad_(True), y.reshape(-1), a.reshape(-1), o.reshape(-1) if spec.has_old else None,
-            r.reshape(-1) if spec.has_ref else None, -100, need_entropy, with_stats, False, backend,
-            *ops.spec_args(spec))
+            r.reshape(-1) if spec.has_ref else None, -100,
+            *ops.policy_args(spec, need_entropy, with_stats, False, backend))
 
 
 def _opcheck_cases(backend, device):
     forward = _policy_forward_args(backend, device, "ppo", need_entropy=True, with_stats=True)
-    logits, labels, spec = forward[0].detach(), forward[1], forward[10:]
+    logits, labels, config = forward[0].detach(), forward[1], forward[6:]
     with torch.no_grad():
         _, _, rows, _ = ops.policy_forward(*forward)
     # coefficients as a backward makes them: alpha (and the entropy mask) times an upstream gradient
@@ -82,9 +82,9 @@ def _opcheck_cases(backend, device):
     return [
         (ops.policy_forward, forward),
         (ops.policy_forward, _policy_forward_args(backend, device, "lco", need_entropy=False, with_stats=False)),
-        (ops.policy_backward, (logits, labels, coef, ent_coef, rows, backend, *spec)),
-        (ops.policy_backward, (logits, labels, coef, None, rows, backend, *spec)),
-        (ops.policy_backward_, (logits.clone(), labels, coef, ent_coef, rows, backend, *spec)),
+        (ops.policy_backward, (logits, labels, coef, ent_coef, rows, *config)),
+        (ops.policy_backward, (logits, labels, coef, None, rows, *config)),
+        (ops.policy_backward_, (logits.clone(), labels, coef, ent_coef, rows, *config)),
     ] + _fused_linear_opcheck_cases(backend, device)
 
 

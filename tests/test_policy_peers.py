@@ -92,7 +92,8 @@ def verl_loss(mode, reduction, labels, adv, old, **config):
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
     from verl.workers.config import FSDPActorConfig, PolicyLossConfig
     dro_beta = config.pop("dro_beta", None)
-    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode=VERL_AGG[reduction],
+    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                          loss_agg_mode=VERL_AGG[reduction],
                           policy_loss=PolicyLossConfig(loss_mode=mode, dro_beta=dro_beta), **config)
     fn = core_algos.get_policy_loss_fn(mode)
 

@@ -41,8 +41,7 @@ CASES = {
 
 
 def verl_bypass(z, labels, adv, rollout, reduction, ref, case):
-    from verl.trainer.config.algorithm import RolloutCorrectionConfig
-    pytest.importorskip("verl")
+    RolloutCorrectionConfig = pytest.importorskip("verl.trainer.config.algorithm").RolloutCorrectionConfig
     cfg = RolloutCorrectionConfig(bypass_mode=True, **case)
     return verl_actor_loss("bypass_mode", z, labels, adv, rollout, reduction, ref=ref, beta=0.1, entropy_coef=0.01,
                            rollout_correction=cfg)
@@ -109,3 +108,24 @@ def test_bad_input():
                          rollout_rs_threshold="0.5,0.2,0.1")
     with pytest.raises(TypeError, match="rollout_logprobs"):
         bypass_mode_loss(logits, labels, adv, None)
+
+
+@pytest.mark.parametrize("case", ["ppo_clip seq_mean_k3", "reinforce token TIS + token_k2"])
+def test_stats_against_verl(case):
+    """logit_grad_norm: ‖∂ℓ_t/∂z_t‖ of each token's own term (verl's token-mean loss × the kept-token count
+    holds it in row t: weights and mask are detached); clipped: PPO's clips and the rejected tokens."""
+    torch.manual_seed(0)
+    logits, labels, adv, rollout, _ = rollout_inputs()
+    valid = labels != -100
+    opts = {k: v for k, v in CASES[case].items() if k != "loss_type"}
+    _, kept = rollout_correction(reference.token_logprobs(logits.double(), labels, -100).float(), rollout, valid,
+                                 **opts)
+    z = logits.double().requires_grad_(True)
+    RolloutCorrectionConfig = pytest.importorskip("verl.trainer.config.algorithm").RolloutCorrectionConfig
+    loss = verl_actor_loss("bypass_mode", z, labels, adv, rollout, "mean",
+                           rollout_correction=RolloutCorrectionConfig(bypass_mode=True, **CASES[case]))
+    (grad,) = torch.autograd.grad(loss * kept.sum(), z)
+    _, stats = bypass_mode_loss(logits, labels, adv, rollout, backend="torch", return_stats=True, **CASES[case])
+    norm = torch.where(valid, grad.norm(dim=-1), 0.0)
+    torch.testing.assert_close(stats.logit_grad_norm.double(), norm, rtol=1e-5, atol=1e-6 * float(norm.max()))
+    assert bool((stats.clipped[valid & ~kept] == 1).all()) and bool((stats.logit_grad_norm[valid & ~kept] == 0).all())

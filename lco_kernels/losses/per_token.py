@@ -99,8 +99,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         rows, entropy, _, stats = ops.policy_forward(
             logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
             flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index),
-            return_entropy or spec.has_entropy_term, return_stats, inplace_backward, ops.backend_name(impl),
-            *ops.spec_args(spec))
+            *ops.policy_args(spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
+                             ops.backend_name(impl)))
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
@@ -166,8 +166,8 @@ def pg_loss(logits, labels, advantages, *, ref_logprobs=None, beta=0.0, kl_type=
 
 
 def ppo_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSILON, epsilon_high=EPSILON, dual_clip=None,
-             ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
-             reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
+             ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0,
+             ignore_index=-100, reduction="mean", loss_mask=None, max_length=None, token_count=None, seq_count=None,
              inplace_backward=False, backend="auto", return_stats=False, process_group=None, vocab_start_index=None):
     """PPO / GRPO clipped surrogate (PG-IS), as verl's ``compute_policy_loss`` writes it.
 
