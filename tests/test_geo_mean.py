@@ -116,8 +116,27 @@ def test_bias_corrected_kl_and_stats(backend):
                                atol=1e-6 * float(g.norm(dim=-1).max()))
 
 
+# each loss's own options for the fused-linear parity: clip_cov draws its selection from a generator of the
+# same seed in both forms, with ε wide enough that PPO's clip binds nowhere and a covariance band and ratio that
+# select tokens (asserted below); bypass_mode's REINFORCE with token IS weights rejects some tokens (k1 ratio
+# bounds [1/1.3, 1.3]; its clipped statistic is then exactly the rejection)
+FUSED_LINEAR_OPTIONS = {
+    "geo_mean": lambda: {},
+    "clip_cov": lambda: dict(epsilon_low=0.95, epsilon_high=20.0, clip_cov_ratio=0.2, clip_cov_lb=-50.0,
+                             clip_cov_ub=50.0, generator=torch.Generator().manual_seed(5)),
+    "kl_cov": lambda: dict(kl_cov_ratio=0.2, ppo_kl_coef=0.5),
+    "bypass_mode": lambda: dict(loss_type="reinforce", rollout_is="token", rollout_rs="token_k1",
+                                rollout_rs_threshold=1.3),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_linear_form_equals_unfused(backend):
+@pytest.mark.parametrize("name", list(FUSED_LINEAR_OPTIONS))
+def test_fused_linear_form_equals_unfused(name, backend):
+    """fused_linear_<name>_loss(hidden, weight, ..., bias=bias) against <name>_loss(hidden @ weight.T + bias, ...):
+    value and the gradients w.r.t. hidden, weight and bias."""
+    import lco_kernels
+
     torch.manual_seed(3)
     B, T, H, V = 3, 5, 16, 90
     hidden, weight, bias = torch.randn(B, T, H), torch.randn(V, H) * 0.4, torch.randn(V) * 0.1
@@ -127,19 +146,33 @@ def test_fused_linear_form_equals_unfused(backend):
     with torch.no_grad():
         old = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     old = old + 0.3 * torch.randn(B, T)
+    fused_fn, logits_fn = getattr(lco_kernels, f"fused_linear_{name}_loss"), getattr(lco_kernels, f"{name}_loss")
     results = []
     for fused in (True, False):
         xs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        kw = dict(temperature=0.8, entropy_coef=0.01, ref_logprobs=old - 0.2, beta=0.1, backend=backend)
+        kw = dict(temperature=0.8, entropy_coef=0.01, ref_logprobs=old - 0.2, beta=0.1, backend=backend,
+                  return_stats=True, **FUSED_LINEAR_OPTIONS[name]())
         if fused:
-            loss = fused_linear_geo_mean_loss(xs[0], xs[1], labels, adv, old, bias=xs[2], chunk_size=4, **kw)
+            loss, stats = fused_fn(xs[0], xs[1], labels, adv, old, bias=xs[2], chunk_size=4, **kw)
         else:
-            loss = geo_mean_loss(xs[0] @ xs[1].T + xs[2], labels, adv, old, **kw)
-        results.append((loss.detach(), torch.autograd.grad(loss, xs)))
-    (loss, grads), (ref_loss, ref_grads) = results
+            loss, stats = logits_fn(xs[0] @ xs[1].T + xs[2], labels, adv, old, **kw)
+        results.append((loss.detach(), torch.autograd.grad(loss, xs), stats))
+    (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = results
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * float(r.abs().max()))
+    if stats.clipped is not None:  # the same tokens clipped, selected or rejected
+        assert torch.equal(stats.clipped, ref_stats.clipped)
+    valid = labels != -100
+    if name == "clip_cov":  # PPO's clip binds nowhere: every clipped token is one the draw selected
+        ratio = torch.exp(ref_stats.logprobs - old)[valid]
+        assert bool(((ratio > 0.05) & (ratio < 21.0)).all())
+        assert 1 <= int(ref_stats.clipped.sum()) < int(valid.sum())
+    if name == "bypass_mode":  # some tokens rejected, not all
+        assert 1 <= int(ref_stats.clipped.sum()) < int(valid.sum())
+    print(f"{name} {backend}: max rel diff loss {float((loss - ref_loss).abs() / ref_loss.abs()):.1e}, "
+          + ", ".join(f"grad {n} {float((g - r).abs().max() / r.abs().max()):.1e}"
+                      for n, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads)))
 
 
 def test_none_reduction_spreads_each_sequence_over_its_tokens():
@@ -182,6 +215,5 @@ def test_signatures_of_the_losses_on_token_logprobs_cannot_drift():
     for name in ("gspo", "geo_mean", "vespo", "clip_cov", "kl_cov", "bypass_mode"):
         ours = options(getattr(lco_kernels, f"{name}_loss"))
         assert {n: ours.get(n, "missing") for n in shared} == shared, name
-        if name in ("gspo", "geo_mean", "vespo"):
-            linear = options(getattr(lco_kernels, f"fused_linear_{name}_loss"))
-            assert linear == {**ours, "bias": None, "chunk_size": None, "accum_dtype": torch.float32}, name
+        linear = options(getattr(lco_kernels, f"fused_linear_{name}_loss"))
+        assert linear == {**ours, "bias": None, "chunk_size": None, "accum_dtype": torch.float32}, name

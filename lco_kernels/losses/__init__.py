@@ -12,7 +12,8 @@
   terms, reduction and statistics of every loss written on token log-probs.
 - ``batch_selected``: losses whose token selection is a statistic of the micro-batch's current
   log-probs, taken from the same sweep: ``clip_cov_loss`` and ``kl_cov_loss`` (verl "clip_cov",
-  "kl_cov", the entropy-mechanism losses).
+  "kl_cov", the entropy-mechanism losses), each with a ``fused_linear_*`` form.
 - ``rollout_correction``: verl's "bypass_mode" (``bypass_mode_loss``) and its rollout-correction
-  importance weights and rejection masks (``rollout_correction``), from the sweep's own log-probs.
+  importance weights and rejection masks (``rollout_correction``), from the sweep's own log-probs;
+  ``fused_linear_bypass_mode_loss`` is the loss's form on hidden states.
 """

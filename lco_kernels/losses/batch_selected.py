@@ -90,6 +90,23 @@ def clip_cov_loss(logits, labels, advantages, old_logprobs, *, epsilon_low=EPSIL
                 backend=backend, return_stats=return_stats)
 
 
+def fused_linear_clip_cov_loss(hidden, weight, labels, advantages, old_logprobs, *, bias=None, epsilon_low=EPSILON,
+                               epsilon_high=EPSILON, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                               generator=None, ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False,
+                               temperature=1.0, entropy_coef=0.0, ignore_index=-100, loss_mask=None, reduction="mean",
+                               max_length=None, token_count=None, seq_count=None, chunk_size=None,
+                               accum_dtype=torch.float32, backend="auto", return_stats=False):
+    """``clip_cov_loss(hidden @ weight.T + bias, ...)`` without the N×V logits (``fused_linear_token_logprobs``)."""
+    _check_clip_cov(clip_cov_ratio, clip_cov_lb, clip_cov_ub, generator)
+    return _run(_clip_cov_head(epsilon_low, epsilon_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, generator), hidden,
+                labels, advantages, old_logprobs, linear=(weight, bias, chunk_size, accum_dtype),
+                epsilon_low=epsilon_low, epsilon_high=epsilon_high, ref_logprobs=ref_logprobs, beta=beta,
+                kl_type=kl_type, bias_correction_kl=bias_correction_kl, temperature=temperature,
+                entropy_coef=entropy_coef, ignore_index=ignore_index, loss_mask=loss_mask, reduction=reduction,
+                max_length=max_length, token_count=token_count, seq_count=seq_count, backend=backend,
+                return_stats=return_stats)
+
+
 def _check_clip_cov(clip_cov_ratio, clip_cov_lb, clip_cov_ub, generator):
     positive("clip_cov_ratio", clip_cov_ratio, upper=1.0)
     real("clip_cov_lb", clip_cov_lb)
@@ -134,12 +151,31 @@ def kl_cov_loss(logits, labels, advantages, old_logprobs, *, kl_cov_ratio=2e-4, 
     fallback is 1.0). The other options as ``clip_cov_loss``. ``return_stats``: logprobs, entropy,
     logit_grad_norm (no clipped).
     """
-    positive("kl_cov_ratio", kl_cov_ratio, upper=1.0)
-    real("ppo_kl_coef", ppo_kl_coef)
-    if ppo_kl_coef < 0:
-        raise ValueError(f"ppo_kl_coef must be >= 0, got {ppo_kl_coef}")
+    _check_kl_cov(kl_cov_ratio, ppo_kl_coef)
     return _run(_kl_cov_head(kl_cov_ratio, ppo_kl_coef), logits, labels, advantages, old_logprobs,
                 ref_logprobs=ref_logprobs, beta=beta, kl_type=kl_type, bias_correction_kl=bias_correction_kl,
                 temperature=temperature, entropy_coef=entropy_coef, ignore_index=ignore_index, loss_mask=loss_mask,
                 reduction=reduction, max_length=max_length, token_count=token_count, seq_count=seq_count,
                 backend=backend, return_stats=return_stats)
+
+
+def fused_linear_kl_cov_loss(hidden, weight, labels, advantages, old_logprobs, *, bias=None, kl_cov_ratio=2e-4,
+                             ppo_kl_coef=0.1, ref_logprobs=None, beta=0.0, kl_type="k3", bias_correction_kl=False,
+                             temperature=1.0, entropy_coef=0.0, ignore_index=-100, loss_mask=None, reduction="mean",
+                             max_length=None, token_count=None, seq_count=None, chunk_size=None,
+                             accum_dtype=torch.float32, backend="auto", return_stats=False):
+    """``kl_cov_loss(hidden @ weight.T + bias, ...)`` without the N×V logits (``fused_linear_token_logprobs``)."""
+    _check_kl_cov(kl_cov_ratio, ppo_kl_coef)
+    return _run(_kl_cov_head(kl_cov_ratio, ppo_kl_coef), hidden, labels, advantages, old_logprobs,
+                linear=(weight, bias, chunk_size, accum_dtype), ref_logprobs=ref_logprobs, beta=beta,
+                kl_type=kl_type, bias_correction_kl=bias_correction_kl, temperature=temperature,
+                entropy_coef=entropy_coef, ignore_index=ignore_index, loss_mask=loss_mask, reduction=reduction,
+                max_length=max_length, token_count=token_count, seq_count=seq_count, backend=backend,
+                return_stats=return_stats)
+
+
+def _check_kl_cov(kl_cov_ratio, ppo_kl_coef):
+    positive("kl_cov_ratio", kl_cov_ratio, upper=1.0)
+    real("ppo_kl_coef", ppo_kl_coef)
+    if ppo_kl_coef < 0:
+        raise ValueError(f"ppo_kl_coef must be >= 0, got {ppo_kl_coef}")

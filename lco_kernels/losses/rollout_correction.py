@@ -234,6 +234,40 @@ def bypass_mode_loss(logits, labels, advantages, rollout_logprobs, *, loss_type=
     tokens before rejection, as verl's actor does. clip_ratio_c: > 1. ``return_stats``: clipped is 1
     where PPO's clip or dual clip, or the rejection, took the token's gradient away.
     """
+    head = _checked_bypass_head(rollout_logprobs, loss_type, rollout_is, rollout_is_threshold,
+                                rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, epsilon_low, epsilon_high,
+                                clip_ratio_c, reduction, max_length, token_count, seq_count)
+    return _run(head, logits, labels, advantages, rollout_logprobs, epsilon_low=epsilon_low,
+                epsilon_high=epsilon_high, ref_logprobs=ref_logprobs, beta=beta, kl_type=kl_type,
+                bias_correction_kl=bias_correction_kl, temperature=temperature, entropy_coef=entropy_coef,
+                ignore_index=ignore_index, loss_mask=loss_mask, reduction=reduction, max_length=max_length,
+                token_count=token_count, seq_count=seq_count, backend=backend, return_stats=return_stats)
+
+
+def fused_linear_bypass_mode_loss(hidden, weight, labels, advantages, rollout_logprobs, *, bias=None,
+                                  loss_type="ppo_clip", rollout_is=None, rollout_is_threshold=2.0,
+                                  rollout_is_batch_normalize=False, rollout_rs=None, rollout_rs_threshold=None,
+                                  epsilon_low=EPSILON, epsilon_high=EPSILON, clip_ratio_c=3.0, ref_logprobs=None,
+                                  beta=0.0, kl_type="k3", bias_correction_kl=False, temperature=1.0, entropy_coef=0.0,
+                                  ignore_index=-100, loss_mask=None, reduction="mean", max_length=None,
+                                  token_count=None, seq_count=None, chunk_size=None, accum_dtype=torch.float32,
+                                  backend="auto", return_stats=False):
+    """``bypass_mode_loss(hidden @ weight.T + bias, ...)`` without the N×V logits (``fused_linear_token_logprobs``)."""
+    head = _checked_bypass_head(rollout_logprobs, loss_type, rollout_is, rollout_is_threshold,
+                                rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, epsilon_low, epsilon_high,
+                                clip_ratio_c, reduction, max_length, token_count, seq_count)
+    return _run(head, hidden, labels, advantages, rollout_logprobs, linear=(weight, bias, chunk_size, accum_dtype),
+                epsilon_low=epsilon_low, epsilon_high=epsilon_high, ref_logprobs=ref_logprobs, beta=beta,
+                kl_type=kl_type, bias_correction_kl=bias_correction_kl, temperature=temperature,
+                entropy_coef=entropy_coef, ignore_index=ignore_index, loss_mask=loss_mask, reduction=reduction,
+                max_length=max_length, token_count=token_count, seq_count=seq_count, backend=backend,
+                return_stats=return_stats)
+
+
+def _checked_bypass_head(rollout_logprobs, loss_type, rollout_is, rollout_is_threshold, rollout_is_batch_normalize,
+                         rollout_rs, rollout_rs_threshold, epsilon_low, epsilon_high, clip_ratio_c, reduction,
+                         max_length, token_count, seq_count):
+    """bypass_mode_loss's own options checked, and its head."""
     if not isinstance(rollout_logprobs, torch.Tensor):
         raise TypeError(f"rollout_logprobs must be a tensor (the rollout policy's log-probs of the labels), got "
                         f"{type(rollout_logprobs).__name__}")
@@ -245,10 +279,5 @@ def bypass_mode_loss(logits, labels, advantages, rollout_logprobs, *, loss_type=
     is_bounds, rejections = check_rollout_correction(rollout_is, rollout_is_threshold, rollout_is_batch_normalize,
                                                      rollout_rs, rollout_rs_threshold)
     correction = (rollout_is, is_bounds, rollout_is_batch_normalize, rejections)
-    head = _bypass_head(loss_type, epsilon_low, epsilon_high, clip_ratio_c, correction, reduction, max_length,
+    return _bypass_head(loss_type, epsilon_low, epsilon_high, clip_ratio_c, correction, reduction, max_length,
                         token_count, seq_count)
-    return _run(head, logits, labels, advantages, rollout_logprobs, epsilon_low=epsilon_low,
-                epsilon_high=epsilon_high, ref_logprobs=ref_logprobs, beta=beta, kl_type=kl_type,
-                bias_correction_kl=bias_correction_kl, temperature=temperature, entropy_coef=entropy_coef,
-                ignore_index=ignore_index, loss_mask=loss_mask, reduction=reduction, max_length=max_length,
-                token_count=token_count, seq_count=seq_count, backend=backend, return_stats=return_stats)
