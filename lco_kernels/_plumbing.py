@@ -45,6 +45,10 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
     their default 0.2. Options of other losses are ignored (``fused_linear_policy_loss`` passes all)."""
     info = LOSSES.get(name)
     if info is None:
+        own = _own_fused_linear_form(name)
+        if own is not None:
+            raise ValueError(f"loss={name!r} is not one of the registry's per-token losses {tuple(LOSSES)}: it has "
+                             f"its own fused-linear form, lco_kernels.{own}(hidden, weight, ...)")
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
     real("temperature", temperature)
     real("entropy_coef", entropy_coef)
@@ -81,6 +85,16 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
                     delta_low=float(delta_low), delta_high=float(delta_high), clip_ratio_c=float(clip_ratio_c),
                     dro_beta=0.0 if dro_beta is None else float(dro_beta),
                     bias_correction_kl=bool(bias_correction_kl) and has_ref, has_old=has_old, has_ref=has_ref)
+
+
+def _own_fused_linear_form(name):
+    """The name of the ``fused_linear_<name>_loss`` that ``lco_kernels.losses`` defines for a loss outside the
+    registry (sequence-level, batch-selected, rollout-corrected), or None."""
+    from .losses import batch_selected, rollout_correction, sequence  # at call time: they import this module
+    if not isinstance(name, str):
+        return None
+    fn = f"fused_linear_{name}_loss"
+    return fn if any(hasattr(module, fn) for module in (sequence, batch_selected, rollout_correction)) else None
 
 
 @dataclasses.dataclass

@@ -411,6 +411,9 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages=None, *, loss="l
         loss: a name of the loss registry (``lco_kernels.registry.LOSSES``: "sft", "pg", "ppo", "cispo",
             "lco", "sapo", "dppo", "dro"). The options below that the chosen loss does not take are
             ignored; each is described at the logits-level loss (``lco_loss``, ``sapo_loss``, ...).
+            The losses on token log-probs ("gspo", "geo_mean", "vespo", "clip_cov", "kl_cov",
+            "bypass_mode") are not served here: each name is a ``ValueError`` pointing to that loss's own
+            ``fused_linear_<name>_loss``.
         bias: (V,) LM-head bias, or None.
         old_logprobs: as the chosen loss (required by every loss but "sft", "pg" and "lco").
         ref_logprobs: as the logits-level losses (KL penalty, with ``beta``, ``kl_type``,

@@ -154,6 +154,9 @@ def test_bad_input():
         fused_linear_lco_loss(hidden, weight, labels, adv, chunk_size=0)
     with pytest.raises(ValueError, match="loss"):
         fused_linear_policy_loss(hidden, weight, labels, adv, loss="dpo")
+    for name in ("gspo", "geo_mean", "vespo", "clip_cov", "kl_cov", "bypass_mode"):  # they have their own form
+        with pytest.raises(ValueError, match=rf"loss='{name}' .* lco_kernels\.fused_linear_{name}_loss\(hidden"):
+            fused_linear_policy_loss(hidden, weight, labels, adv, loss=name)
     with pytest.raises(ValueError, match="old_logprobs"):
         fused_linear_policy_loss(hidden, weight, labels, adv, loss="ppo")
 
