@@ -1,5 +1,5 @@
 """``python -m bench.precision [--rows N] [--json]``: the worst error at large logits, in units of
-SPEC §4's tolerance (issue 10, item 4), for both backends.
+SPEC §4's tolerance, for both backends.
 
 * common offset: z = c + 2·randn(rows, 1000) in fp32, c ∈ {1e3, 3e3, 1e4}, labels drawn from the
   policy, Ψ = 2·randn, old log-probs = log p_i + 0.3·randn; every loss, reduction="none";

@@ -1,4 +1,4 @@
-"""Regression tests for issue 10, items 1-6, each with the issue's own repro call.
+"""Regression tests for six reported defects (items 1-6), each with its original repro call.
 
 1. NaN (and +inf logits, non-finite advantages / old / reference log-probs) → that row's loss and
    whole gradient row NaN, every loss, both backends; other rows unchanged.
@@ -40,7 +40,7 @@ def loss_and_grad(fn, logits, *args, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item1_issue_repro_nan_logit_ppo(backend):
-    """The issue's call: torch gave NaN loss with a zero gradient, Triton −2.06e-9 and a zero gradient."""
+    """The reported call: torch gave NaN loss with a zero gradient, Triton −2.06e-9 and a zero gradient."""
     loss, grad = loss_and_grad(ppo_loss, torch.tensor([[0.5, NAN, -1.0]]), torch.tensor([0]), torch.tensor([1.0]),
                                torch.tensor([-1.0]), backend=backend)
     assert loss.isnan().all() and grad.isnan().all(), (loss, grad)
@@ -166,7 +166,7 @@ def test_item1_neg_inf_logits_are_ordinary(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item2_inplace_backward_refuses_self_overlapping_logits(backend):
-    """The issue's call: an expanded view gave a wrong gradient (error 0.16-0.48 vs |grad| ≈ 0.15)."""
+    """The reported call: an expanded view gave a wrong gradient (error 0.16-0.48 vs |grad| ≈ 0.15)."""
     b = torch.randn(3, 11, requires_grad=True)
     y, a = torch.randint(0, 11, (4, 3)), torch.randn(4, 3)
     with pytest.raises(ValueError, match="inplace_backward"):

@@ -1,7 +1,7 @@
 """lco_loss_from_logprobs: the fused loss's head on given log-probs.
 
-Fed by token_logprobs it equals lco_loss on every row kind of SPEC §1 (the exactness contract of
-issue 12); fed by log_softmax it inherits log_softmax's rounding for confident tokens. The printed
+Fed by token_logprobs it equals lco_loss on every row kind of SPEC §1 (its exactness contract); fed by
+log_softmax it inherits log_softmax's rounding for confident tokens. The printed
 tables (python -m pytest -s tests/test_from_logprobs.py -k table) are the ones README quotes.
 """
 import math

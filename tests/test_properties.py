@@ -1,4 +1,4 @@
-"""Property-based tests (issue 10): every loss, both backends, extreme and bad rows.
+"""Property-based tests: every loss, both backends, extreme and bad rows.
 
 Each hypothesis example is a small batch of rows, each of one kind (normal, masked vocabulary,
 only the label finite, label at −inf, confident, ignored), with per-row advantages (normal, 0,
@@ -325,9 +325,9 @@ PROPERTY_SETTINGS = settings(derandomize=True, database=None, max_examples=15, d
 @PROPERTY_SETTINGS
 @given(case=cases())
 @example(case=Case("float32", 1025, 1e4, 2.0, ("normal", "normal"), ("normal", "normal"), ("near", "near"),
-                   ("near", "near"), (None, None), False, 1))   # issue 10 item 4: common offset 1e4, fp32
+                   ("near", "near"), (None, None), False, 1))   # common offset 1e4, fp32
 @example(case=Case("float32", 3, 0.0, 2.0, ("normal",) * 4, ("normal",) * 4, ("near",) * 4, ("near",) * 4,
-                   ("nan_logit", "old_nan", None, "ref_nan"), False, 2))   # issue 10 item 1
+                   ("nan_logit", "old_nan", None, "ref_nan"), False, 2))   # NaN inputs
 @example(case=Case("float16", 100, 1e4, 20.0, ("label_neginf", "only_label", "confident", "masked"),
                    ("normal", "zero", "huge", "normal"), ("far", "same", "near", "near"), ("near",) * 4,
                    (None, "nan_label_logit", None, "posinf_label_logit"), True, 3))   # −inf label next to poison

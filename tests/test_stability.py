@@ -66,7 +66,7 @@ def test_rl_runs_reproduce_from_their_seed(method):
     assert all(0.0 <= s <= 1.0 for s in a["success"]) and all(x > 0 for x in a["param_grad_norm"])
 
 
-# ---------------------------------------------------------------- the warm-started experiment (issue 16)
+# ---------------------------------------------------------------- the warm-started experiment
 
 def test_warm_start_rule_and_reward():
     prompts = torch.tensor([[250, 3], [7, 1]])

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel losses (issue 14): the combine of per-row partials, then the losses over
+"""Vocabulary-parallel losses: the combine of per-row partials, then the losses over
 torch.distributed (gloo, spawned processes) against the single-process result on the whole vocabulary."""
 import os
 import subprocess

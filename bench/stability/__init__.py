@@ -4,7 +4,7 @@ Experiments (each its own module; report.py turns what they measure into tables 
   claims      1. single-state gradient dynamics and 2. logits convexity (claims.py)
   small-task  3. learning-rate robustness on a small cold-started RL task (small_task.py)
   warm-start  4. the learning-rate experiment fair to LCO: a warm-started GRU policy, each method's
-              own learning-rate grid (warm_start.py, issue 16)
+              own learning-rate grid (warm_start.py)
 """
 import os
 import time

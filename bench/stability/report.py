@@ -105,7 +105,7 @@ def _ratio(x):
 
 
 def warm_start_table(record):
-    """Per method: the summary of its own learning-rate grid (issue 16's columns)."""
+    """Per method: the summary of its own learning-rate grid."""
     lines = ["| method | rates tried | best final success (at lr) | first collapse | max stable lr | min lr reaching "
              "90 % of best | stable-range width | ‖∂L/∂z‖ spikiness: max stable / one above | ‖∇θL‖ spikiness: "
              "max stable / one above |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -2,7 +2,7 @@
 
 A ~280k-parameter MLP policy emits 3 tokens; reward +1 if they are strictly increasing and above the
 prompt token, else −1; REINFORCE, PPO (PG-IS + clip) and REINFORCE+LCO at several learning rates and
-seeds. bench/stability/warm_start.py is the second one, fair to LCO (issue 16).
+seeds. bench/stability/warm_start.py is the second one, fair to LCO.
 """
 import math
 import statistics

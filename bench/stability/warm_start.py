@@ -1,4 +1,4 @@
-"""The learning-rate experiment fair to LCO (issue 16): a warm-started autoregressive policy, RL after SFT.
+"""The learning-rate experiment fair to LCO: a warm-started autoregressive policy, RL after SFT.
 
 Task. A prompt (a, d), a ∈ [0, 256), d ∈ {1, …, 4}, asks for the 8 tokens x_k = (a + k·d) mod 256 from a
 vocabulary of 256. Warm start: ``sft_loss`` on demonstrations of that rule in which each token was
