@@ -16,8 +16,10 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
         # numpy: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on numpy arrays;
-        # hypothesis: the property-based tests (tests/test_properties.py) draw extreme and bad rows
-        "test": ["pytest", "pytest-benchmark", "numpy", "hypothesis"],
+        # hypothesis: the property-based tests (tests/test_properties.py) draw extreme and bad rows;
+        # pytest-xdist: pytest.ini runs the test files on two processes (-n 2 --dist loadfile), the interpreter
+        # being single-threaded Python: the suite takes about half the time on 2 cores
+        "test": ["pytest", "pytest-benchmark", "numpy", "hypothesis", "pytest-xdist==3.8.0"],
         # matplotlib: the benchmark's plots; liger-kernel: its anchor, the fused cross-entropy
         # kernel that fused-loss libraries are measured against (traffic table, GPU timings)
         "bench": ["matplotlib", "liger-kernel", "pytest-benchmark"],

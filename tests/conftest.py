@@ -11,10 +11,22 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: the workers share the cores (torch's threads
+    # would otherwise outnumber them, and spin waiting for one another)
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """pytest.ini spreads the test files over two processes (pytest-xdist, ``-n 2``), whose prints never
+    reach the terminal: ``-s`` is asked for to read what the tests print, so such a run stays in one process.
+    (Before xdist's own hook, which turns the -n count into workers.)"""
+    if config.getoption("capture") == "no":
+        config.option.numprocesses = 0
 
 
 @pytest.fixture
