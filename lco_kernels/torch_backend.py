@@ -37,14 +37,16 @@ def _scaled(view, inv_temp, out):
     Otherwise cast first: a bf16 product would round z/τ to bf16."""
     if view.dtype == out.dtype:
         return torch.mul(view, inv_temp, out=out)
-    return out.copy_(view).mul_(inv_temp)
+    out.copy_(view)
+    return out if inv_temp == 1.0 else out.mul_(inv_temp)
 
 
-# On the CPU the sweep takes its reference m as the max of the whole row, the label included (one
-# pass, no scaled copy); the sums still exclude the label. A row whose sum then falls below this
-# (the label leads the rest by over 44 nats, or no other option) is swept again with the label
-# excluded from the max, so s keeps its relative precision.
-_TINY = 2.0 ** -64
+# On the CPU the sweep's reference m needs no pass of its own (``_sweep_cpu``): a row whose sum s
+# then leaves [_TINY, _HUGE] is swept again with m the max without its label (``_sweep_excluded``),
+# so s keeps its relative precision and 1/s stays a normal number; the label is excluded from every
+# sum either way.
+_TINY = 2.0 ** -40
+_HUGE = 2.0 ** 64
 
 
 def _shifted(view, m, inv_temp, out):
@@ -76,16 +78,33 @@ def _sweep_excluded(view, lab, here, inv_temp, out, need_entropy):
     return (m, *_exp_sums(z, need_entropy))
 
 
+def _direct_or_scaled(view, inv_temp, out):
+    """view / τ in the compute dtype: ``view`` itself where that is already it, else ``_scaled`` into out."""
+    return view if inv_temp == 1.0 and view.dtype == out.dtype else _scaled(view, inv_temp, out)
+
+
 def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
-    """``_sweep_excluded``'s values with m the max of the whole row (see _TINY): max, shift, exp and sum
-    (4 passes; on a GPU the test for rows to redo would be a host sync)."""
-    m = view.amax(dim=1).to(out.dtype)
-    if inv_temp != 1.0:
-        m = m * inv_temp  # the max of z/τ: scaling by τ⁻¹ > 0 keeps the order
-    z = _shifted(view, m, inv_temp, out)
-    _exclude_label(z, lab, here)
-    values = [m, *_exp_sums(z, need_entropy)]
-    redo = (values[1] < _TINY).nonzero()[:, 0]
+    """``_sweep_excluded``'s values in fewer passes, with a reference that costs none. Without the
+    entropy, m = 0: e^z written once (after a scaled copy only where τ ≠ 1 or the dtypes differ), the
+    label's entry zeroed, one sum. With it, m is the max of the whole row, the label included (so every
+    z − m ≤ 0 and u = Σ e·(z − m) sums terms of one sign): max, shift, exp, sum. Rows whose s leaves
+    [_TINY, _HUGE] (logits past about ±44 from the reference, the label leading the rest by over 28
+    nats, no other option, NaN) are redone by ``_sweep_excluded``; on a GPU that test would be a host
+    sync."""
+    if need_entropy:
+        m = view.amax(dim=1).to(out.dtype)
+        if inv_temp != 1.0:
+            m = m * inv_temp  # the max of z/τ: scaling by τ⁻¹ > 0 keeps the order
+        z = _shifted(view, m, inv_temp, out)
+        _exclude_label(z, lab, here)
+        values = [m, *_exp_sums(z, True)]
+    else:
+        e = torch.exp(_direct_or_scaled(view, inv_temp, out), out=out)
+        e.scatter_(1, lab, torch.where(here, 0.0, e.gather(1, lab)))
+        s = e.sum(dim=1)
+        values = [torch.zeros_like(s), s, None, None]
+    s = values[1]
+    redo = (~((s >= _TINY) & (s <= _HUGE))).nonzero()[:, 0]
     if redo.numel():
         exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
         for v, x in zip(values, exact):
@@ -166,8 +185,14 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    cpu = logits3d.device.type == "cpu"
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
-        g = _shifted(view, m[rows_], inv_temp, out if direct else buf[: view.shape[0]])  # z − m
+        dst = out if direct else buf[: view.shape[0]]
+        if cpu and not bool(m[rows_].any()):  # every reference 0 (``_sweep_cpu``): no shift pass
+            g = _direct_or_scaled(view, inv_temp, dst)
+        else:
+            g = _shifted(view, m[rows_], inv_temp, dst)
+        # g = z − m here (z = logits / τ); it becomes the gradient in dst
         here = owned[rows_, None]
         c = coef[rows_, None]
         if ent_coef is not None:
@@ -176,7 +201,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
             log_pk.scatter_(1, idx[rows_], torch.where(here, st[:, ROW["log_p"], None], log_pk.gather(1, idx[rows_])))
             p_k = log_pk.exp()
             ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
-        g.exp_().mul_(inv_s_coef[rows_, None])
+        g = torch.exp(g, out=dst).mul_(inv_s_coef[rows_, None])
         g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
         if ent_coef is not None:
             g.add_(ent)
