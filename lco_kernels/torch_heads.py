@@ -56,10 +56,10 @@ def _kl_term(log_p, ref_logp, kl_type):
 
 
 def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
+    """(loss, alpha, target, clamped, clipped) per row; the last three None where the loss has none
+    (only the statistics read them)."""
     one_minus_p = torch.exp(log_1mp)
-    target = torch.zeros_like(d)
-    clamped = torch.zeros_like(d, dtype=torch.bool)
-    clipped = torch.zeros_like(d, dtype=torch.bool)
+    target = clamped = clipped = None
     if spec.kind == Kind.SFT:
         loss, alpha = -log_p, one_minus_p
     elif spec.kind == Kind.PG:
@@ -173,6 +173,8 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         if need_entropy:
             grad_norm = (alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, q / (s * s)))
                          * (1.0 / spec.temperature))
+        target = torch.zeros_like(d) if target is None else target
+        clamped, clipped = (torch.zeros_like(valid) if x is None else x for x in (clamped, clipped))
         columns += [grad_norm, torch.where(only_option & valid, 1.0, target)]
     table = torch.stack(columns, dim=1)
     nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned
