@@ -104,8 +104,9 @@ def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
         s = e.sum(dim=1)
         values = [torch.zeros_like(s), s, None, None]
     s = values[1]
-    redo = (~((s >= _TINY) & (s <= _HUGE))).nonzero()[:, 0]
-    if redo.numel():
+    outside = ~((s >= _TINY) & (s <= _HUGE))
+    if bool(outside.any()):
+        redo = outside.nonzero()[:, 0]
         exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
         for v, x in zip(values, exact):
             if v is not None:
@@ -113,13 +114,19 @@ def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
     return values
 
 
+def _label_columns(labels, vocab_start, V):
+    """(owned, idx): whether each row's label lies in this shard's columns [vocab_start, vocab_start + V),
+    and its column (N, 1), clamped into range where it does not (those rows never use it)."""
+    local = labels - vocab_start if vocab_start else labels
+    return (local >= 0) & (local < V), local.clamp(0, max(V - 1, 0))[:, None]
+
+
 def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
-    local = labels - vocab_start
-    owned = (local >= 0) & (local < V) & (labels != ignore_index)
-    idx = torch.where(owned, local, 0)[:, None]
+    owned, idx = _label_columns(labels, vocab_start, V)
+    owned &= labels != ignore_index
     owned_f = owned.to(cdt)
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
@@ -128,7 +135,8 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     chunks = []
     for rows, view in _row_chunks(logits3d, step):
         here, lab = owned[rows, None], idx[rows]
-        z_i = torch.where(here, view.gather(1, lab).to(cdt) * inv_temp, 0.0)[:, 0]
+        z_i = view.gather(1, lab).to(cdt)
+        z_i = torch.where(here, z_i if inv_temp == 1.0 else z_i * inv_temp, 0.0)[:, 0]
         m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
         if u is None:
             u = q = torch.zeros_like(s)
@@ -170,9 +178,7 @@ def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec,
 def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
     """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
-    local = labels - vocab_start
-    owned = (local >= 0) & (local < V)
-    idx = torch.where(owned, local, 0)[:, None]
+    owned, idx = _label_columns(labels, vocab_start, V)
     active = coef != 0
     if ent_coef is not None:
         active = active | (ent_coef != 0)
@@ -186,9 +192,12 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
     cpu = logits3d.device.type == "cpu"
+    # on a GPU these two tests would be host syncs
+    reference_zero = cpu and not bool(m.any())  # every row swept with m = 0 (``_sweep_cpu``): no shift pass
+    all_active = cpu and bool(active.all())     # no row to zero
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         dst = out if direct else buf[: view.shape[0]]
-        if cpu and not bool(m[rows_].any()):  # every reference 0 (``_sweep_cpu``): no shift pass
+        if reference_zero:
             g = _direct_or_scaled(view, inv_temp, dst)
         else:
             g = _shifted(view, m[rows_], inv_temp, dst)
@@ -205,8 +214,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
         g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
         if ent_coef is not None:
             g.add_(ent)
-        # on CPU, skip the pass when every row is active; on a GPU that test would be a host sync
-        if g.device.type != "cpu" or not bool(active[rows_].all()):
+        if not all_active:
             g.masked_fill_(~active[rows_, None], 0.0)
         if not direct:
             out.copy_(g)
