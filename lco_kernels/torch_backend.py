@@ -121,13 +121,13 @@ def _label_columns(labels, vocab_start, V):
     return (local >= 0) & (local < V), local.clamp(0, max(V - 1, 0))[:, None]
 
 
-def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
-    """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
+def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
+    """The raw sweep quantities of a vocabulary shard as (N,) columns named as stats.PARTIALS (``owned``
+    bool; u and q None without the entropy)."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
     owned, idx = _label_columns(labels, vocab_start, V)
     owned &= labels != ignore_index
-    owned_f = owned.to(cdt)
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
@@ -138,26 +138,38 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
         z_i = view.gather(1, lab).to(cdt)
         z_i = torch.where(here, z_i if inv_temp == 1.0 else z_i * inv_temp, 0.0)[:, 0]
         m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
-        if u is None:
-            u = q = torch.zeros_like(s)
-        named = dict(m=m, s=s, z_i=z_i, owned=owned_f[rows], u=u, q=q)
-        chunks.append(torch.stack([named[name] for name in PARTIALS], dim=1))
+        chunks.append((m, s, z_i, u, q))
     # ignored rows sweep nothing (as in the kernel): their values are never used
     if not chunks:
-        return torch.zeros(0, len(PARTIALS), dtype=cdt, device=labels.device)
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        empty = torch.zeros(0, dtype=cdt, device=labels.device)
+        chunks.append((empty,) * 3 + ((empty,) * 2 if need_entropy else (None, None)))
+    columns = [c[0] if len(chunks) == 1 or c[0] is None else torch.cat(c) for c in zip(*chunks)]
+    return dict(zip(("m", "s", "z_i", "u", "q"), columns), owned=owned)
+
+
+def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
+    """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard (u, q
+    zero without the entropy): what vocabulary-parallel ranks exchange."""
+    col = _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start)
+    col["owned"] = col["owned"].to(col["s"].dtype)
+    zero = torch.zeros_like(col["s"])
+    return torch.stack([zero if col[name] is None else col[name] for name in PARTIALS], dim=1)
 
 
 def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
               with_stats):
     """(rows, stats) from (combined) partials; see triton_backend.forward_rows."""
-    cdt = partials.dtype
     col = dict(zip(PARTIALS, partials.unbind(1)))
+    col["owned"] = col["owned"] > 0.5
+    return _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats)
+
+
+def _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats):
+    cdt = col["s"].dtype
     old = old_logprobs.to(cdt) if spec.has_old else None
     ref = ref_logprobs.to(cdt) if spec.has_ref else None
     table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], labels != ignore_index,
-                                       col["owned"] > 0.5, advantages.to(cdt), old, ref, spec, need_entropy,
-                                       with_stats)
+                                       col["owned"], advantages.to(cdt), old, ref, spec, need_entropy, with_stats)
     if not with_stats:
         return table, None
     named = dict(logprobs=table[:, ROW["log_p"]], entropy=table[:, ROW["entropy"]], logit_grad_norm=table[:, -2],
@@ -168,11 +180,11 @@ def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ig
 
 def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
                  with_stats):
-    """(rows, stats); see triton_backend.forward_rows."""
-    partials = sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, 0)
+    """(rows, stats); see triton_backend.forward_rows. The sweep's columns go to the head as they are
+    (``sweep_rows`` stacks them only for the exchange between ranks)."""
+    col = _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, 0)
     # a label outside [0, V) is owned by no shard: the head makes its row NaN
-    return head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
-                     with_stats)
+    return _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats)
 
 
 def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
