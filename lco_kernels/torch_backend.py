@@ -85,7 +85,7 @@ def _direct_or_scaled(view, inv_temp, out):
 
 def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
     """``_sweep_excluded``'s values in fewer passes, with a reference that costs none. Without the
-    entropy, m = 0: e^z written once (after a scaled copy only where τ ≠ 1 or the dtypes differ), the
+    entropy, m = 0 (returned as None while no row is redone): e^z written once (after a scaled copy only where τ ≠ 1 or the dtypes differ), the
     label's entry zeroed, one sum. With it, m is the max of the whole row, the label included (so every
     z − m ≤ 0 and u = Σ e·(z − m) sums terms of one sign): max, shift, exp, sum. Rows whose s leaves
     [_TINY, _HUGE] (logits past about ±44 from the reference, the label leading the rest by over 28
@@ -102,11 +102,13 @@ def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
         e = torch.exp(_direct_or_scaled(view, inv_temp, out), out=out)
         e.scatter_(1, lab, torch.where(here, 0.0, e.gather(1, lab)))
         s = e.sum(dim=1)
-        values = [torch.zeros_like(s), s, None, None]
+        values = [None, s, None, None]  # m None: 0 for every row
     s = values[1]
     outside = ~((s >= _TINY) & (s <= _HUGE))
     if bool(outside.any()):
         redo = outside.nonzero()[:, 0]
+        if values[0] is None:
+            values[0] = torch.zeros_like(s)
         exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
         for v, x in zip(values, exact):
             if v is not None:
@@ -123,7 +125,7 @@ def _label_columns(labels, vocab_start, V):
 
 def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The raw sweep quantities of a vocabulary shard as (N,) columns named as stats.PARTIALS (``owned``
-    bool; u and q None without the entropy)."""
+    bool; u and q None without the entropy; m None where it is 0 for every row)."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
     owned, idx = _label_columns(labels, vocab_start, V)
@@ -143,6 +145,8 @@ def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_sta
     if not chunks:
         empty = torch.zeros(0, dtype=cdt, device=labels.device)
         chunks.append((empty,) * 3 + ((empty,) * 2 if need_entropy else (None, None)))
+    if len(chunks) > 1:  # a reference of 0 (m None) for some chunks only: write it out
+        chunks = [(torch.zeros_like(c[1]) if c[0] is None else c[0],) + c[1:] for c in chunks]
     columns = [c[0] if len(chunks) == 1 or c[0] is None else torch.cat(c) for c in zip(*chunks)]
     return dict(zip(("m", "s", "z_i", "u", "q"), columns), owned=owned)
 

@@ -4,6 +4,7 @@ Same inputs, same outputs, same formulas and rules, vectorised over rows (see tr
 the symbols and the derivations). tests/test_heads.py runs both on the same rows.
 """
 import torch
+import torch.nn.functional as F
 
 from .registry import DIVERGENCES, KL, Kind, LossSpec
 
@@ -127,14 +128,14 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
 
 
 def _log_p_pair(d):
-    """(log p_i, log(1 − p_i)) = (−softplus(−d), −softplus(d)), sharing log1p(e^{−|d|}): no overflow,
-    and e^x's digits for very negative x (as in the kernel)."""
-    tail = torch.log1p(torch.exp(-d.abs()))
-    return d.clamp(max=0) - tail, (-d).clamp(max=0) - tail
+    """(log p_i, log(1 − p_i)) = (−softplus(−d), −softplus(d)): log1p(e^x), so e^x's digits for very
+    negative x; x itself above 40, where e^{−x} is below half an ulp of x in float64 (no overflow)."""
+    return -F.softplus(-d, threshold=40.0), -F.softplus(d, threshold=40.0)
 
 
 def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy, with_stats):
-    """(table, clamped, clipped) per row; see triton_heads.row_head. ``table`` is (N, 8) in stats.ROW_STATE
+    """(table, clamped, clipped) per row; see triton_heads.row_head (``m`` None: a reference of 0 for every
+    row). ``table`` is (N, 8) in stats.ROW_STATE
     order (m, log_s, log_p, log_1mp, loss, alpha, ent_mask, entropy; the last four's entropy columns
     zero without ``need_entropy``), with ``with_stats`` (N, 10) with grad_norm and target appended;
     ``clamped`` and ``clipped`` are None without ``with_stats`` (which needs ``need_entropy``: callers
@@ -142,8 +143,12 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     instead of a masking op per output: the head runs as few, wide ops."""
     only_option = s == 0
     log_s = torch.log(s)
-    z_rel, z_rel_err = _two_diff(z_i, m)
-    d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
+    if m is None:  # the sweep's reference was 0 (torch_backend._sweep_cpu): z_i − m is z_i, exactly
+        m = torch.zeros_like(s)
+        d = torch.where(only_option, torch.inf, z_i - log_s)
+    else:
+        z_rel, z_rel_err = _two_diff(z_i, m)
+        d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
     log_p, log_1mp = _log_p_pair(d)
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
@@ -165,9 +170,8 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         columns[4] = loss - spec.entropy_coef * entropy
         columns += [(~only_option).to(d.dtype), entropy]
     else:
-        zero = torch.zeros_like(d)
-        columns[2:4] = [zero, zero]
-        columns += [zero, zero]
+        columns[2:4] = [torch.zeros_like(d)] * 2
+        columns += columns[2:4]
     if with_stats:
         grad_norm = torch.zeros_like(d)
         if need_entropy:
