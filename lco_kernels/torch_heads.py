@@ -9,12 +9,6 @@ import torch.nn.functional as F
 from .registry import DIVERGENCES, KL, Kind, LossSpec
 
 
-def _logaddexp(a, b):
-    hi = torch.maximum(a, b)
-    lo = torch.minimum(a, b)
-    return torch.where(torch.isneginf(lo), hi, hi + torch.log1p(torch.exp(lo - hi)))
-
-
 def _two_diff(a, b):
     r = a - b
     b_virtual = a - r
@@ -31,13 +25,15 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     p = torch.exp(log_p)
     rho = torch.where(adv > 0, rho_pos, rho_neg).to(d.dtype)
     abs_adv = adv.abs()
-    log_rho = torch.log(rho)
-    clamped = (rho > 1) & (log_rho + log_p >= 0)
-    log_1mt = torch.where(rho > 1, log_1mp + torch.log1p((1 - rho) * torch.exp(d)),
-                          _logaddexp(log_1mp, torch.log(1 - rho) + log_p))
+    raises = rho > 1
+    clamped = raises & (torch.log(rho) + log_p >= 0)
+    one_minus_rho = 1 - rho
+    # log(1 − t) = log(1 − ρ·p_i): (1 − p_i)(1 + (1 − ρ)e^d) above ρ = 1, (1 − p_i) + (1 − ρ)p_i below it
+    log_1mt = torch.where(raises, log_1mp + torch.log1p(one_minus_rho * torch.exp(d)),
+                          torch.logaddexp(log_1mp, torch.log(one_minus_rho) + log_p))
     t = torch.where(clamped, 1.0, rho * p)
-    kl_sampled = torch.where(clamped, -log_p, torch.where(t > 0, t * log_rho, 0.0))
-    kl_rest = torch.where(clamped | (t >= 1), 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))
+    kl_sampled = torch.where(clamped, -log_p, torch.xlogy(t, rho))  # t·log ρ, 0 where t = 0 (also for ρ = 0)
+    kl_rest = torch.where(t >= 1, 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))  # t ≥ 1 wherever clamped
     alpha = abs_adv * torch.where(clamped, torch.exp(log_1mp), (rho - 1) * p)
     return abs_adv * (kl_sampled + kl_rest), alpha, t, clamped
 
