@@ -16,20 +16,22 @@ from .torch_backend import compute_dtype
 
 
 def as_rows3d(x):
-    """A (B, T, V) view of (..., V) logits with unit last stride (a copy only where no view exists)."""
+    """A (B, T, V) view of (..., V) logits with unit last stride (a copy only where no view exists):
+    (1, N, V) where one stride steps through every row, so the PyTorch backend takes all rows in the
+    fewest chunks; else (B, T, V) over the last two dimensions."""
     V = x.shape[-1]
     if x.numel() == 0:
         return x.reshape(1, 0, V)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if x.dim() == 1:
-        return x.view(1, 1, V)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
+    try:
+        return x.view(1, -1, V)
+    except RuntimeError:  # rows that no single stride steps through (x has 3 or more dims)
+        pass
     try:
         return x.view(-1, x.shape[-2], V)
     except RuntimeError:  # leading dims that no single stride describes
-        return x.contiguous().view(-1, x.shape[-2], V)
+        return x.contiguous().view(1, -1, V)
 
 
 def reduce_rows(ctx, rows, weights, shape, stats, return_entropy):
@@ -49,7 +51,8 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
     """(coef, ent_coef or None) per row for the backward sweep."""
     upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
     inv_temp = 1.0 / spec.temperature
-    coef = (rows[:, ROW["alpha"]] * upstream * inv_temp).to(rows.dtype).contiguous()
+    coef = rows[:, ROW["alpha"]] * upstream
+    coef = (coef if inv_temp == 1.0 else coef * inv_temp).to(rows.dtype).contiguous()
     if not entropy_grad:
         return coef, None
     d_entropy = -spec.entropy_coef * upstream  # the loss holds −entropy_coef·H

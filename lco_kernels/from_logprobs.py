@@ -35,6 +35,8 @@ class _HeadOnLogprobs(torch.autograd.Function):
         log_1mp = log1mexp(log_p)
         loss, alpha, target, clamped, clipped = _policy_term(log_p - log_1mp, log_p, log_1mp, advantages,
                                                              old_logprobs, spec)
+        if clipped is None:  # no old log-probs: nothing is clipped
+            clipped = torch.zeros_like(clamped)
         # the policy term's α is −(∂L/∂log p_i)·(1 − p_i); where α = 0 so is the derivative (also at p_i = 1)
         dloss = torch.where(alpha == 0, 0.0, -alpha / log_1mp.exp())
         if spec.has_ref:

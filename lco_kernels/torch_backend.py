@@ -37,14 +37,16 @@ def _scaled(view, inv_temp, out):
     Otherwise cast first: a bf16 product would round z/τ to bf16."""
     if view.dtype == out.dtype:
         return torch.mul(view, inv_temp, out=out)
-    return out.copy_(view).mul_(inv_temp)
+    out.copy_(view)
+    return out if inv_temp == 1.0 else out.mul_(inv_temp)
 
 
-# On the CPU the sweep takes its reference m as the max of the whole row, the label included (one
-# pass, no scaled copy); the sums still exclude the label. A row whose sum then falls below this
-# (the label leads the rest by over 44 nats, or no other option) is swept again with the label
-# excluded from the max, so s keeps its relative precision.
-_TINY = 2.0 ** -64
+# On the CPU the sweep's reference m needs no pass of its own (``_sweep_cpu``): a row whose sum s
+# then leaves [_TINY, _HUGE] is swept again with m the max without its label (``_sweep_excluded``),
+# so s keeps its relative precision and 1/s stays a normal number; the label is excluded from every
+# sum either way.
+_TINY = 2.0 ** -40
+_HUGE = 2.0 ** 64
 
 
 def _shifted(view, m, inv_temp, out):
@@ -76,17 +78,37 @@ def _sweep_excluded(view, lab, here, inv_temp, out, need_entropy):
     return (m, *_exp_sums(z, need_entropy))
 
 
+def _direct_or_scaled(view, inv_temp, out):
+    """view / τ in the compute dtype: ``view`` itself where that is already it, else ``_scaled`` into out."""
+    return view if inv_temp == 1.0 and view.dtype == out.dtype else _scaled(view, inv_temp, out)
+
+
 def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
-    """``_sweep_excluded``'s values with m the max of the whole row (see _TINY): max, shift, exp and sum
-    (4 passes; on a GPU the test for rows to redo would be a host sync)."""
-    m = view.amax(dim=1).to(out.dtype)
-    if inv_temp != 1.0:
-        m = m * inv_temp  # the max of z/τ: scaling by τ⁻¹ > 0 keeps the order
-    z = _shifted(view, m, inv_temp, out)
-    _exclude_label(z, lab, here)
-    values = [m, *_exp_sums(z, need_entropy)]
-    redo = (values[1] < _TINY).nonzero()[:, 0]
-    if redo.numel():
+    """``_sweep_excluded``'s values in fewer passes, with a reference that costs none. Without the
+    entropy, m = 0 (returned as None while no row is redone): e^z written once (after a scaled copy only where τ ≠ 1 or the dtypes differ), the
+    label's entry zeroed, one sum. With it, m is the max of the whole row, the label included (so every
+    z − m ≤ 0 and u = Σ e·(z − m) sums terms of one sign): max, shift, exp, sum. Rows whose s leaves
+    [_TINY, _HUGE] (logits past about ±44 from the reference, the label leading the rest by over 28
+    nats, no other option, NaN) are redone by ``_sweep_excluded``; on a GPU that test would be a host
+    sync."""
+    if need_entropy:
+        m = view.amax(dim=1).to(out.dtype)
+        if inv_temp != 1.0:
+            m = m * inv_temp  # the max of z/τ: scaling by τ⁻¹ > 0 keeps the order
+        z = _shifted(view, m, inv_temp, out)
+        _exclude_label(z, lab, here)
+        values = [m, *_exp_sums(z, True)]
+    else:
+        e = torch.exp(_direct_or_scaled(view, inv_temp, out), out=out)
+        e.scatter_(1, lab, torch.where(here, 0.0, e.gather(1, lab)))
+        s = e.sum(dim=1)
+        values = [None, s, None, None]  # m None: 0 for every row
+    s = values[1]
+    outside = ~((s >= _TINY) & (s <= _HUGE))
+    if bool(outside.any()):
+        redo = outside.nonzero()[:, 0]
+        if values[0] is None:
+            values[0] = torch.zeros_like(s)
         exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
         for v, x in zip(values, exact):
             if v is not None:
@@ -94,14 +116,20 @@ def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
     return values
 
 
-def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
-    """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard."""
+def _label_columns(labels, vocab_start, V):
+    """(owned, idx): whether each row's label lies in this shard's columns [vocab_start, vocab_start + V),
+    and its column (N, 1), clamped into range where it does not (those rows never use it)."""
+    local = labels - vocab_start if vocab_start else labels
+    return (local >= 0) & (local < V), local.clamp(0, max(V - 1, 0))[:, None]
+
+
+def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
+    """The raw sweep quantities of a vocabulary shard as (N,) columns named as stats.PARTIALS (``owned``
+    bool; u and q None without the entropy; m None where it is 0 for every row)."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
-    local = labels - vocab_start
-    owned = (local >= 0) & (local < V) & (labels != ignore_index)
-    idx = torch.where(owned, local, 0)[:, None]
-    owned_f = owned.to(cdt)
+    owned, idx = _label_columns(labels, vocab_start, V)
+    owned &= labels != ignore_index
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
@@ -109,28 +137,43 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     chunks = []
     for rows, view in _row_chunks(logits3d, step):
         here, lab = owned[rows, None], idx[rows]
-        z_i = torch.where(here, view.gather(1, lab).to(cdt) * inv_temp, 0.0)[:, 0]
+        z_i = view.gather(1, lab).to(cdt)
+        z_i = torch.where(here, z_i if inv_temp == 1.0 else z_i * inv_temp, 0.0)[:, 0]
         m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
-        if u is None:
-            u = q = torch.zeros_like(s)
-        named = dict(m=m, s=s, z_i=z_i, owned=owned_f[rows], u=u, q=q)
-        chunks.append(torch.stack([named[name] for name in PARTIALS], dim=1))
+        chunks.append((m, s, z_i, u, q))
     # ignored rows sweep nothing (as in the kernel): their values are never used
     if not chunks:
-        return torch.zeros(0, len(PARTIALS), dtype=cdt, device=labels.device)
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        empty = torch.zeros(0, dtype=cdt, device=labels.device)
+        chunks.append((empty,) * 3 + ((empty,) * 2 if need_entropy else (None, None)))
+    if len(chunks) > 1:  # a reference of 0 (m None) for some chunks only: write it out
+        chunks = [(torch.zeros_like(c[1]) if c[0] is None else c[0],) + c[1:] for c in chunks]
+    columns = [c[0] if len(chunks) == 1 or c[0] is None else torch.cat(c) for c in zip(*chunks)]
+    return dict(zip(("m", "s", "z_i", "u", "q"), columns), owned=owned)
+
+
+def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
+    """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard (u, q
+    zero without the entropy): what vocabulary-parallel ranks exchange."""
+    col = _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start)
+    col["owned"] = col["owned"].to(col["s"].dtype)
+    zero = torch.zeros_like(col["s"])
+    return torch.stack([zero if col[name] is None else col[name] for name in PARTIALS], dim=1)
 
 
 def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
               with_stats):
     """(rows, stats) from (combined) partials; see triton_backend.forward_rows."""
-    cdt = partials.dtype
     col = dict(zip(PARTIALS, partials.unbind(1)))
+    col["owned"] = col["owned"] > 0.5
+    return _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats)
+
+
+def _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats):
+    cdt = col["s"].dtype
     old = old_logprobs.to(cdt) if spec.has_old else None
     ref = ref_logprobs.to(cdt) if spec.has_ref else None
     table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], labels != ignore_index,
-                                       col["owned"] > 0.5, advantages.to(cdt), old, ref, spec, need_entropy,
-                                       with_stats)
+                                       col["owned"], advantages.to(cdt), old, ref, spec, need_entropy, with_stats)
     if not with_stats:
         return table, None
     named = dict(logprobs=table[:, ROW["log_p"]], entropy=table[:, ROW["entropy"]], logit_grad_norm=table[:, -2],
@@ -141,19 +184,17 @@ def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ig
 
 def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
                  with_stats):
-    """(rows, stats); see triton_backend.forward_rows."""
-    partials = sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, 0)
+    """(rows, stats); see triton_backend.forward_rows. The sweep's columns go to the head as they are
+    (``sweep_rows`` stacks them only for the exchange between ranks)."""
+    col = _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, 0)
     # a label outside [0, V) is owned by no shard: the head makes its row NaN
-    return head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
-                     with_stats)
+    return _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats)
 
 
 def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
     """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
-    local = labels - vocab_start
-    owned = (local >= 0) & (local < V)
-    idx = torch.where(owned, local, 0)[:, None]
+    owned, idx = _label_columns(labels, vocab_start, V)
     active = coef != 0
     if ent_coef is not None:
         active = active | (ent_coef != 0)
@@ -166,8 +207,17 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    cpu = logits3d.device.type == "cpu"
+    # on a GPU these two tests would be host syncs
+    reference_zero = cpu and not bool(m.any())  # every row swept with m = 0 (``_sweep_cpu``): no shift pass
+    all_active = cpu and bool(active.all())     # no row to zero
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
-        g = _shifted(view, m[rows_], inv_temp, out if direct else buf[: view.shape[0]])  # z − m
+        dst = out if direct else buf[: view.shape[0]]
+        if reference_zero:
+            g = _direct_or_scaled(view, inv_temp, dst)
+        else:
+            g = _shifted(view, m[rows_], inv_temp, dst)
+        # g = z − m here (z = logits / τ); it becomes the gradient in dst
         here = owned[rows_, None]
         c = coef[rows_, None]
         if ent_coef is not None:
@@ -176,12 +226,11 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
             log_pk.scatter_(1, idx[rows_], torch.where(here, st[:, ROW["log_p"], None], log_pk.gather(1, idx[rows_])))
             p_k = log_pk.exp()
             ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
-        g.exp_().mul_(inv_s_coef[rows_, None])
+        g = torch.exp(g, out=dst).mul_(inv_s_coef[rows_, None])
         g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
         if ent_coef is not None:
             g.add_(ent)
-        # on CPU, skip the pass when every row is active; on a GPU that test would be a host sync
-        if g.device.type != "cpu" or not bool(active[rows_].all()):
+        if not all_active:
             g.masked_fill_(~active[rows_, None], 0.0)
         if not direct:
             out.copy_(g)

@@ -4,14 +4,9 @@ Same inputs, same outputs, same formulas and rules, vectorised over rows (see tr
 the symbols and the derivations). tests/test_heads.py runs both on the same rows.
 """
 import torch
+import torch.nn.functional as F
 
 from .registry import DIVERGENCES, KL, Kind, LossSpec
-
-
-def _logaddexp(a, b):
-    hi = torch.maximum(a, b)
-    lo = torch.minimum(a, b)
-    return torch.where(torch.isneginf(lo), hi, hi + torch.log1p(torch.exp(lo - hi)))
 
 
 def _two_diff(a, b):
@@ -30,13 +25,15 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     p = torch.exp(log_p)
     rho = torch.where(adv > 0, rho_pos, rho_neg).to(d.dtype)
     abs_adv = adv.abs()
-    log_rho = torch.log(rho)
-    clamped = (rho > 1) & (log_rho + log_p >= 0)
-    log_1mt = torch.where(rho > 1, log_1mp + torch.log1p((1 - rho) * torch.exp(d)),
-                          _logaddexp(log_1mp, torch.log(1 - rho) + log_p))
+    raises = rho > 1
+    clamped = raises & (torch.log(rho) + log_p >= 0)
+    one_minus_rho = 1 - rho
+    # log(1 − t) = log(1 − ρ·p_i): (1 − p_i)(1 + (1 − ρ)e^d) above ρ = 1, (1 − p_i) + (1 − ρ)p_i below it
+    log_1mt = torch.where(raises, log_1mp + torch.log1p(one_minus_rho * torch.exp(d)),
+                          torch.logaddexp(log_1mp, torch.log(one_minus_rho) + log_p))
     t = torch.where(clamped, 1.0, rho * p)
-    kl_sampled = torch.where(clamped, -log_p, torch.where(t > 0, t * log_rho, 0.0))
-    kl_rest = torch.where(clamped | (t >= 1), 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))
+    kl_sampled = torch.where(clamped, -log_p, torch.xlogy(t, rho))  # t·log ρ, 0 where t = 0 (also for ρ = 0)
+    kl_rest = torch.where(t >= 1, 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))  # t ≥ 1 wherever clamped
     alpha = abs_adv * torch.where(clamped, torch.exp(log_1mp), (rho - 1) * p)
     return abs_adv * (kl_sampled + kl_rest), alpha, t, clamped
 
@@ -56,10 +53,10 @@ def _kl_term(log_p, ref_logp, kl_type):
 
 
 def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
+    """(loss, alpha, target, clamped, clipped) per row; the last three None where the loss has none
+    (only the statistics read them)."""
     one_minus_p = torch.exp(log_1mp)
-    target = torch.zeros_like(d)
-    clamped = torch.zeros_like(d, dtype=torch.bool)
-    clipped = torch.zeros_like(d, dtype=torch.bool)
+    target = clamped = clipped = None
     if spec.kind == Kind.SFT:
         loss, alpha = -log_p, one_minus_p
     elif spec.kind == Kind.PG:
@@ -127,14 +124,14 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
 
 
 def _log_p_pair(d):
-    """(log p_i, log(1 − p_i)) = (−softplus(−d), −softplus(d)), sharing log1p(e^{−|d|}): no overflow,
-    and e^x's digits for very negative x (as in the kernel)."""
-    tail = torch.log1p(torch.exp(-d.abs()))
-    return d.clamp(max=0) - tail, (-d).clamp(max=0) - tail
+    """(log p_i, log(1 − p_i)) = (−softplus(−d), −softplus(d)): log1p(e^x), so e^x's digits for very
+    negative x; x itself above 40, where e^{−x} is below half an ulp of x in float64 (no overflow)."""
+    return -F.softplus(-d, threshold=40.0), -F.softplus(d, threshold=40.0)
 
 
 def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy, with_stats):
-    """(table, clamped, clipped) per row; see triton_heads.row_head. ``table`` is (N, 8) in stats.ROW_STATE
+    """(table, clamped, clipped) per row; see triton_heads.row_head (``m`` None: a reference of 0 for every
+    row). ``table`` is (N, 8) in stats.ROW_STATE
     order (m, log_s, log_p, log_1mp, loss, alpha, ent_mask, entropy; the last four's entropy columns
     zero without ``need_entropy``), with ``with_stats`` (N, 10) with grad_norm and target appended;
     ``clamped`` and ``clipped`` are None without ``with_stats`` (which needs ``need_entropy``: callers
@@ -142,8 +139,12 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     instead of a masking op per output: the head runs as few, wide ops."""
     only_option = s == 0
     log_s = torch.log(s)
-    z_rel, z_rel_err = _two_diff(z_i, m)
-    d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
+    if m is None:  # the sweep's reference was 0 (torch_backend._sweep_cpu): z_i − m is z_i, exactly
+        m = torch.zeros_like(s)
+        d = torch.where(only_option, torch.inf, z_i - log_s)
+    else:
+        z_rel, z_rel_err = _two_diff(z_i, m)
+        d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
     log_p, log_1mp = _log_p_pair(d)
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
@@ -165,14 +166,15 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         columns[4] = loss - spec.entropy_coef * entropy
         columns += [(~only_option).to(d.dtype), entropy]
     else:
-        zero = torch.zeros_like(d)
-        columns[2:4] = [zero, zero]
-        columns += [zero, zero]
+        columns[2:4] = [torch.zeros_like(d)] * 2
+        columns += columns[2:4]
     if with_stats:
         grad_norm = torch.zeros_like(d)
         if need_entropy:
             grad_norm = (alpha.abs() * torch.sqrt(1 + torch.where(only_option, 0.0, q / (s * s)))
                          * (1.0 / spec.temperature))
+        target = torch.zeros_like(d) if target is None else target
+        clamped, clipped = (torch.zeros_like(valid) if x is None else x for x in (clamped, clipped))
         columns += [grad_norm, torch.where(only_option & valid, 1.0, target)]
     table = torch.stack(columns, dim=1)
     nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned

@@ -280,6 +280,43 @@ def test_meta_and_fake_tensors(name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_skip_the_ops_with_identical_results(backend, device, monkeypatch):
+    """An eager call on plain tensors runs ops.EagerPolicy, not the custom op; forced through the op, every
+    output and gradient is bit-identical (stats, entropy, KL, in place). Meta, fake and compiled calls keep the op."""
+    plain = torch.zeros(2, 3, device=device)
+    assert ops.runs_eagerly(plain) and not ops.runs_eagerly(plain.to("meta"))
+    with FakeTensorMode():
+        assert not ops.runs_eagerly(torch.zeros(2, 3))
+    assert not torch.compile(lambda x: x + ops.runs_eagerly(x), fullgraph=True, backend="eager")(plain).any()
+
+    op_calls = []
+    policy_forward = ops.policy_forward
+    monkeypatch.setattr(ops, "policy_forward", lambda *args: op_calls.append(1) or policy_forward(*args))
+    z, y, a, o, r = _inputs((3, 4), device)
+    cases = [("lco", {}), ("lco", {"old_logprobs": o, "entropy_coef": 0.01, "return_stats": True}),
+             ("ppo", {"ref_logprobs": r, "beta": 0.1, "reduction": "none", "inplace_backward": True}),
+             ("token_logprobs", {"return_entropy": True, "temperature": 0.7})]
+    for name, options in cases:
+        results = []
+        for eager in (True, False):
+            monkeypatch.setattr(ops, "runs_eagerly", lambda logits, eager=eager: eager)
+            x = z.clone().requires_grad_(True)
+            if name == "token_logprobs":
+                outputs = lco_kernels.token_logprobs(x, y, backend=backend, **options)
+            else:
+                args = (o,) if name == "ppo" else ()
+                outputs = getattr(lco_kernels, f"{name}_loss")(x, y, a, *args, backend=backend, **options)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            tensors = [t for out in outputs for t in (vars(out).values() if hasattr(out, "entropy") else (out,))
+                       if t is not None]
+            sum(t.sum() for t in tensors if t.requires_grad).backward()
+            results.append([t.detach().clone() for t in tensors] + [x.grad.clone()])
+            assert len(op_calls) == (0 if eager else 1)
+            op_calls.clear()
+        assert all(torch.equal(e, c) for e, c in zip(*results)), (name, options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_label_range_compiled(backend, device):
     """CPU: the check runs inside the op, so compiled code raises eager's ValueError. CUDA: no host
     read; the row with the bad label is NaN, the others are untouched."""

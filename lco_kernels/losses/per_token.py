@@ -96,11 +96,13 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
     if tp is None:
         # the labels are checked against the vocabulary inside the op (on CPU tensors only: ops.py)
         dtype = ops.compute_dtype(logits.dtype)
-        rows, entropy, _, stats = ops.policy_forward(
-            logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
-            flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index),
-            *ops.policy_args(spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
-                             ops.backend_name(impl)))
+        inputs = (logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
+                  flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index))
+        options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward, ops.backend_name(impl))
+        if ops.runs_eagerly(logits):
+            rows, entropy, _, stats = ops.EagerPolicy.apply(*inputs, ops.PolicyConfig(*options))
+        else:
+            rows, entropy, _, stats = ops.policy_forward(*inputs, *ops.policy_args(*options))
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
