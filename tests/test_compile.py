@@ -35,6 +35,10 @@ LOSSES = {
     "ppo": (lambda z, y, a, o, r, **kw: lco_kernels.ppo_loss(z, y, a, o, ref_logprobs=r, beta=0.1, dual_clip=3.0,
                                                              **kw), _RL),
     "cispo": (lambda z, y, a, o, r, **kw: lco_kernels.cispo_loss(z, y, a, o, **kw), _RL),
+    "sapo": (lambda z, y, a, o, r, **kw: lco_kernels.sapo_loss(z, y, a, o, ref_logprobs=r, beta=0.1,
+                                                               bias_correction_kl=True, **kw), _RL),
+    "dppo": (lambda z, y, a, o, r, **kw: lco_kernels.dppo_loss(z, y, a, o, divergence="kl", **kw), _RL),
+    "dro": (lambda z, y, a, o, r, **kw: lco_kernels.dro_loss(z, y, a, o, dro_beta=0.5, **kw), _RL),
     "lco": (lambda z, y, a, o, r, **kw: lco_kernels.lco_loss(z, y, a, **kw), _RL),
     "ppo+lco": (lambda z, y, a, o, r, **kw: lco_kernels.lco_loss(z, y, a, old_logprobs=o, **kw), _RL),
     "token_logprobs": (lambda z, y, a, o, r, **kw: lco_kernels.token_logprobs(z, y, **kw),
@@ -55,6 +59,8 @@ def _linear_inputs(shape=(2, 3), device="cpu"):
 LINEAR_LOSSES = {
     "policy(ppo)": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_policy_loss(
         h, w, y, a, loss="ppo", bias=b, old_logprobs=o, ref_logprobs=r, beta=0.1, **kw), _RL),
+    "policy(sapo)": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_policy_loss(
+        h, w, y, a, loss="sapo", bias=b, old_logprobs=o, **kw), _RL),
     "lco": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_lco_loss(h, w, y, a, bias=b, **kw), _RL),
     "token_logprobs": (lambda h, w, b, y, a, o, r, **kw: lco_kernels.fused_linear_token_logprobs(h, w, y, bias=b,
                                                                                                  **kw),
