@@ -85,8 +85,8 @@ def _direct_or_scaled(view, inv_temp, out):
 
 def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
     """``_sweep_excluded``'s values in fewer passes, with a reference that costs none. Without the
-    entropy, m = 0 (returned as None while no row is redone): e^z written once (after a scaled copy only where τ ≠ 1 or the dtypes differ), the
-    label's entry zeroed, one sum. With it, m is the max of the whole row, the label included (so every
+    entropy, m = 0 (returned as None while no row is redone): e^z written once (after a scaled copy
+    only where τ ≠ 1 or the dtypes differ), the label's entry zeroed, one sum. With it, m is the max of the whole row, the label included (so every
     z − m ≤ 0 and u = Σ e·(z − m) sums terms of one sign): max, shift, exp, sum. Rows whose s leaves
     [_TINY, _HUGE] (logits past about ±44 from the reference, the label leading the rest by over 28
     nats, no other option, NaN) are redone by ``_sweep_excluded``; on a GPU that test would be a host

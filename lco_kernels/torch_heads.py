@@ -28,7 +28,7 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     raises = rho > 1
     clamped = raises & (torch.log(rho) + log_p >= 0)
     one_minus_rho = 1 - rho
-    # log(1 − t) = log(1 − ρ·p_i): (1 − p_i)(1 + (1 − ρ)e^d) above ρ = 1, (1 − p_i) + (1 − ρ)p_i below it
+    # log(1 − t) = log(1 − ρ·p_i): (1 − p_i)(1 + (1 − ρ)e^d) above ρ = 1, (1 − p_i) + (1 − ρ)p_i below
     log_1mt = torch.where(raises, log_1mp + torch.log1p(one_minus_rho * torch.exp(d)),
                           torch.logaddexp(log_1mp, torch.log(one_minus_rho) + log_p))
     t = torch.where(clamped, 1.0, rho * p)

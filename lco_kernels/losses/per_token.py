@@ -98,7 +98,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         dtype = ops.compute_dtype(logits.dtype)
         inputs = (logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
                   flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index))
-        options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward, ops.backend_name(impl))
+        options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
+                   ops.backend_name(impl))
         if ops.runs_eagerly(logits):
             rows, entropy, _, stats = ops.EagerPolicy.apply(*inputs, ops.PolicyConfig(*options))
         else:
