@@ -57,7 +57,8 @@ def _shifted(view, m, inv_temp, out):
 
 
 def _exclude_label(z, lab, here):
-    z.scatter_(1, lab, torch.where(here, -torch.inf, z.gather(1, lab)))
+    """−inf at each row's label column where ``here`` (every row where it is None)."""
+    z.scatter_(1, lab, -torch.inf if here is None else torch.where(here, -torch.inf, z.gather(1, lab)))
 
 
 def _exp_sums(z, need_entropy):
@@ -100,16 +101,17 @@ def _sweep_cpu(view, lab, here, inv_temp, out, need_entropy):
         values = [m, *_exp_sums(z, True)]
     else:
         e = torch.exp(_direct_or_scaled(view, inv_temp, out), out=out)
-        e.scatter_(1, lab, torch.where(here, 0.0, e.gather(1, lab)))
+        e.scatter_(1, lab, 0.0 if here is None else torch.where(here, 0.0, e.gather(1, lab)))
         s = e.sum(dim=1)
         values = [None, s, None, None]  # m None: 0 for every row
     s = values[1]
-    outside = ~((s >= _TINY) & (s <= _HUGE))
-    if bool(outside.any()):
-        redo = outside.nonzero()[:, 0]
+    lo, hi = s.aminmax()
+    if not (float(lo) >= _TINY and float(hi) <= _HUGE):  # NaN fails both
+        redo = (~((s >= _TINY) & (s <= _HUGE))).nonzero()[:, 0]
         if values[0] is None:
             values[0] = torch.zeros_like(s)
-        exact = _sweep_excluded(view[redo], lab[redo], here[redo], inv_temp, out[: redo.numel()], need_entropy)
+        exact = _sweep_excluded(view[redo], lab[redo], None if here is None else here[redo], inv_temp,
+                                out[: redo.numel()], need_entropy)
         for v, x in zip(values, exact):
             if v is not None:
                 v[redo] = x
@@ -123,22 +125,41 @@ def _label_columns(labels, vocab_start, V):
     return (local >= 0) & (local < V), local.clamp(0, max(V - 1, 0))[:, None]
 
 
+def _every_label_owned(labels, vocab_start, V, ignore_index=None):
+    """True when every label is a column of this shard (and none is ``ignore_index``), read on the CPU
+    with one reduction; False where that would be a host sync (other devices) or is not the case. Such
+    calls need no ownership or padding masks: ``owned`` is None and the labels are the columns."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return False
+    lo, hi = labels.aminmax()
+    lo, hi = int(lo) - vocab_start, int(hi) - vocab_start
+    ignored = ignore_index is not None and lo <= ignore_index - vocab_start <= hi
+    return lo >= 0 and hi < V and not ignored
+
+
 def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The raw sweep quantities of a vocabulary shard as (N,) columns named as stats.PARTIALS (``owned``
-    bool; u and q None without the entropy; m None where it is 0 for every row)."""
+    bool, or None where every row owns its label; u and q None without the entropy; m None where it is
+    0 for every row)."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
-    owned, idx = _label_columns(labels, vocab_start, V)
-    owned &= labels != ignore_index
+    if _every_label_owned(labels, vocab_start, V, ignore_index):
+        owned, idx = None, (labels - vocab_start if vocab_start else labels)[:, None]
+    else:
+        owned, idx = _label_columns(labels, vocab_start, V)
+        owned &= labels != ignore_index
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
     sweep = _sweep_cpu if logits3d.device.type == "cpu" else _sweep_excluded
     chunks = []
     for rows, view in _row_chunks(logits3d, step):
-        here, lab = owned[rows, None], idx[rows]
-        z_i = view.gather(1, lab).to(cdt)
-        z_i = torch.where(here, z_i if inv_temp == 1.0 else z_i * inv_temp, 0.0)[:, 0]
+        here, lab = None if owned is None else owned[rows, None], idx[rows]
+        z_i = view.gather(1, lab)[:, 0]
+        z_i = z_i if z_i.dtype == cdt else z_i.to(cdt)
+        z_i = z_i if inv_temp == 1.0 else z_i * inv_temp
+        if here is not None:
+            z_i = torch.where(here[:, 0], z_i, 0.0)
         m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
         chunks.append((m, s, z_i, u, q))
     # ignored rows sweep nothing (as in the kernel): their values are never used
@@ -170,16 +191,24 @@ def head_rows(partials, labels, advantages, old_logprobs, ref_logprobs, spec, ig
 
 def _head(col, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy, with_stats):
     cdt = col["s"].dtype
-    old = old_logprobs.to(cdt) if spec.has_old else None
-    ref = ref_logprobs.to(cdt) if spec.has_ref else None
-    table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], labels != ignore_index,
-                                       col["owned"], advantages.to(cdt), old, ref, spec, need_entropy, with_stats)
+    old = _as(old_logprobs, cdt) if spec.has_old else None
+    ref = _as(ref_logprobs, cdt) if spec.has_ref else None
+    owned = col["owned"]
+    if owned is None and with_stats:  # the statistics' flags are masked by validity
+        owned = torch.ones_like(labels, dtype=torch.bool)
+    valid = None if owned is None else labels != ignore_index
+    table, clamped, clipped = row_head(col["z_i"], col["m"], col["s"], col["u"], col["q"], valid, owned,
+                                       _as(advantages, cdt), old, ref, spec, need_entropy, with_stats)
     if not with_stats:
         return table, None
     named = dict(logprobs=table[:, ROW["log_p"]], entropy=table[:, ROW["entropy"]], logit_grad_norm=table[:, -2],
                  target_prob=table[:, -1], clamped=clamped.to(cdt), clipped=clipped.to(cdt))
     stats = torch.stack([named[name] for name in STAT_ROWS], dim=1).to(torch.float32 if cdt == torch.float32 else cdt)
     return table[:, :len(ROW_STATE)].contiguous(), stats
+
+
+def _as(x, dtype):
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec, ignore_index, need_entropy,
@@ -194,10 +223,11 @@ def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec,
 def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
     """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
-    owned, idx = _label_columns(labels, vocab_start, V)
-    active = coef != 0
-    if ent_coef is not None:
-        active = active | (ent_coef != 0)
+    cpu = logits3d.device.type == "cpu"
+    if _every_label_owned(labels, vocab_start, V):
+        owned, idx = None, (labels - vocab_start if vocab_start else labels)[:, None]
+    else:
+        owned, idx = _label_columns(labels, vocab_start, V)
     cdt = compute_dtype(logits3d.dtype)
     inv_temp = 1.0 / spec.temperature
     m, log_s = rows[:, ROW["m"]], rows[:, ROW["log_s"]]
@@ -207,10 +237,14 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
-    cpu = logits3d.device.type == "cpu"
     # on a GPU these two tests would be host syncs
     reference_zero = cpu and not bool(m.any())  # every row swept with m = 0 (``_sweep_cpu``): no shift pass
-    all_active = cpu and bool(active.all())     # no row to zero
+    if cpu:  # a row without a gradient (coef and ent_coef 0: ignored, or nothing to push) is zeroed
+        inactive = None if bool(coef.all()) or (ent_coef is not None and bool(ent_coef.all())) else coef == 0
+        if inactive is not None and ent_coef is not None:
+            inactive &= ent_coef == 0
+    else:
+        inactive = coef == 0 if ent_coef is None else (coef == 0) & (ent_coef == 0)
     for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         dst = out if direct else buf[: view.shape[0]]
         if reference_zero:
@@ -218,19 +252,20 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
         else:
             g = _shifted(view, m[rows_], inv_temp, dst)
         # g = z − m here (z = logits / τ); it becomes the gradient in dst
-        here = owned[rows_, None]
+        here, lab = None if owned is None else owned[rows_, None], idx[rows_]
         c = coef[rows_, None]
         if ent_coef is not None:
             st = rows[rows_]
             log_pk = (g - st[:, ROW["log_s"], None]) + st[:, ROW["log_1mp"], None]
-            log_pk.scatter_(1, idx[rows_], torch.where(here, st[:, ROW["log_p"], None], log_pk.gather(1, idx[rows_])))
+            log_p = st[:, ROW["log_p"], None]
+            log_pk.scatter_(1, lab, log_p if here is None else torch.where(here, log_p, log_pk.gather(1, lab)))
             p_k = log_pk.exp()
             ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
         g = torch.exp(g, out=dst).mul_(inv_s_coef[rows_, None])
-        g.scatter_(1, idx[rows_], torch.where(here, -c, g.gather(1, idx[rows_])))
+        g.scatter_(1, lab, -c if here is None else torch.where(here, -c, g.gather(1, lab)))
         if ent_coef is not None:
             g.add_(ent)
-        if not all_active:
-            g.masked_fill_(~active[rows_, None], 0.0)
+        if inactive is not None:
+            g.masked_fill_(inactive[rows_, None], 0.0)
         if not direct:
             out.copy_(g)

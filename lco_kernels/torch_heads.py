@@ -129,6 +129,14 @@ def _log_p_pair(d):
     return -F.softplus(-d, threshold=40.0), -F.softplus(d, threshold=40.0)
 
 
+def _finite(*columns):
+    """Whether every value of these columns is finite: one host read (CPU tensors only)."""
+    total = columns[0]
+    for c in columns[1:]:
+        total = total + c
+    return bool(total.isfinite().all())
+
+
 def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy, with_stats):
     """(table, clamped, clipped) per row; see triton_heads.row_head (``m`` None: a reference of 0 for every
     row). ``table`` is (N, 8) in stats.ROW_STATE
@@ -136,15 +144,24 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     zero without ``need_entropy``), with ``with_stats`` (N, 10) with grad_norm and target appended;
     ``clamped`` and ``clipped`` are None without ``with_stats`` (which needs ``need_entropy``: callers
     pass need_entropy or with_stats). One stack and two in-place masks
-    instead of a masking op per output: the head runs as few, wide ops."""
-    only_option = s == 0
+    instead of a masking op per output: the head runs as few, wide ops.
+
+    ``valid`` and ``owned`` None (CPU tensors only, never with ``with_stats``): every row is valid and
+    owns its label. If, besides, d and the per-token inputs are finite everywhere (one host read), no
+    row is special (no NaN row, no row without another option), and the masks are left out."""
     log_s = torch.log(s)
+    zero = None
     if m is None:  # the sweep's reference was 0 (torch_backend._sweep_cpu): z_i − m is z_i, exactly
-        m = torch.zeros_like(s)
-        d = torch.where(only_option, torch.inf, z_i - log_s)
+        m = zero = torch.zeros_like(s)
+        d = z_i - log_s
     else:
         z_rel, z_rel_err = _two_diff(z_i, m)
-        d = torch.where(only_option, torch.inf, (z_rel - log_s) + z_rel_err)
+        d = (z_rel - log_s) + z_rel_err
+    inputs = [x for x in (adv, old_logp, ref_logp) if x is not None]
+    ordinary = owned is None and _finite(d, *inputs)
+    if not ordinary:
+        only_option = s == 0
+        d = torch.where(only_option, torch.inf, d)
     log_p, log_1mp = _log_p_pair(d)
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
@@ -154,20 +171,24 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
             kl, dkl = kl * ratio, (dkl + kl) * ratio
         loss = loss + spec.beta * kl
         alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
-    alpha = torch.where(only_option, 0.0, alpha)
-    if spec.kind == Kind.LCO:
-        loss = torch.where(only_option, 0.0, loss)
+    if not ordinary:
+        alpha = torch.where(only_option, 0.0, alpha)
+        if spec.kind == Kind.LCO:
+            loss = torch.where(only_option, 0.0, loss)
     columns = [m, log_s, log_p, log_1mp, loss, alpha]
     if need_entropy:
         p, one_minus_p = log_p.exp(), log_1mp.exp()
-        h_excl = torch.where(only_option, 0.0, log_s - u / s)
+        h_excl = log_s - u / s
+        if not ordinary:
+            h_excl = torch.where(only_option, 0.0, h_excl)
         entropy = (torch.where(p > 0, -p * log_p, 0.0) + torch.where(one_minus_p > 0, -one_minus_p * log_1mp, 0.0)
                    + one_minus_p * h_excl)
         columns[4] = loss - spec.entropy_coef * entropy
-        columns += [(~only_option).to(d.dtype), entropy]
+        columns += [torch.ones_like(d) if ordinary else (~only_option).to(d.dtype), entropy]
     else:
-        columns[2:4] = [torch.zeros_like(d)] * 2
-        columns += columns[2:4]
+        zero = torch.zeros_like(d) if zero is None else zero
+        columns[2:4] = [zero, zero]
+        columns += [zero, zero]
     if with_stats:
         grad_norm = torch.zeros_like(d)
         if need_entropy:
@@ -177,7 +198,11 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         clamped, clipped = (torch.zeros_like(valid) if x is None else x for x in (clamped, clipped))
         columns += [grad_norm, torch.where(only_option & valid, 1.0, target)]
     table = torch.stack(columns, dim=1)
-    nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite() | ~owned
+    if ordinary:
+        return table, None, None
+    nan_row = s.isnan() | z_i.isnan() | torch.isposinf(z_i) | ~adv.isfinite()
+    if owned is not None:
+        nan_row = nan_row | ~owned
     if spec.has_old:   # NaN, or a ratio 0/0 (p_i = 0 and old = −inf): see triton_heads.row_head
         nan_row = nan_row | old_logp.isnan() | (torch.isneginf(log_p) & torch.isneginf(old_logp))
     if spec.has_ref:
@@ -185,7 +210,8 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     # NaN rows: loss, alpha (, ent_mask, entropy with the entropy) (, grad_norm with the stats)
     table[:, 4:table.shape[1] - 1 if with_stats else 8 if need_entropy else 6].masked_fill_(nan_row[:, None],
                                                                                              torch.nan)
-    table[:, 2:].masked_fill_(~valid[:, None], 0.0)           # all but m and log_s
+    if valid is not None:
+        table[:, 2:].masked_fill_(~valid[:, None], 0.0)           # all but m and log_s
     if not with_stats:
         return table, None, None
     return table, valid & clamped, valid & clipped

@@ -8,7 +8,7 @@ import torch
 import lco_kernels
 import reference
 from helpers import BACKENDS, assert_grad_close, assert_loss_close, make_inputs
-from lco_kernels import lco_loss, ppo_loss
+from lco_kernels import lco_loss, ppo_loss, torch_heads
 from lco_kernels.diagnostics.aot import heads
 from lco_kernels.reductions import REDUCTIONS
 from lco_kernels.registry import DIVERGENCES, LOSSES, LossSpec
@@ -107,6 +107,37 @@ def test_bf16_and_loss_mask(name, fn, kind, extra, backend, device):
     assert_loss_close(loss, ref_loss, scale)
     assert_grad_close(grad, ref_grad, scale, torch.bfloat16)
     assert bool((grad[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entropy_coef, monkeypatch):
+    """On CPU tensors the PyTorch backend leaves its row masks out (padding and labels outside the shard,
+    NaN rows, rows with no other option) when no row of the call needs one. Each row's loss and gradient
+    (with the entropy term too) are the same bit for bit whether its call took that path (six ordinary
+    rows) or the masked one (the same rows beside one padding row), and match the float64 reference."""
+    logits, labels, adv, old, ref = family_inputs((6,), 300, torch.float32, "cpu")
+    labels = torch.where(labels < 0, 7, labels)
+    pad = torch.randn(1, 300) * 3
+    padded = (torch.cat([logits, pad]), torch.cat([labels, torch.tensor([-100])]),
+              *(torch.cat([t, torch.randn(1) - 1]) for t in (adv, old, ref)))
+    fast = []
+    real_finite = torch_heads._finite
+    monkeypatch.setattr(torch_heads, "_finite", lambda *c: fast.append(real_finite(*c)) or fast[-1])
+    results = []
+    for z, y, a, o, r in ((logits, labels, adv, old, ref), padded):
+        x = z.clone().requires_grad_(True)
+        loss = call(fn, name, kind, extra, x, y, a, o, r, reduction="none", backend="torch",
+                    entropy_coef=entropy_coef)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss[:6].detach(), grad[:6]))
+    assert fast == [True], fast  # the ordinary call checked its rows and left the masks out; the padded one did not
+    for got, want, what in zip(*results, ("loss", "gradient")):
+        assert torch.equal(got, want), what
+    ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "none", entropy_coef=entropy_coef)
+    scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
+    assert_loss_close(results[0][0], ref_loss, scale)
+    assert_grad_close(results[0][1], ref_grad, scale, torch.float32)
 
 
 def _rows_with_ratios(ratios, device):
