@@ -113,7 +113,7 @@ def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, igno
     if spec.info.advantages:
         advantages = per_token("advantages", advantages, labels)
     else:  # SFT: Ψ plays no part (and counts as positive for "sign-mean")
-        advantages = torch.ones((), device=labels.device).expand(labels.shape)
+        advantages = torch.ones(labels.shape, device=labels.device)
     old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False) if spec.has_old else None
     ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if spec.has_ref else None
     if loss_mask is not None:
@@ -125,4 +125,7 @@ def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, igno
 
 def flat(t, dtype):
     """A per-token tensor as one contiguous row vector of ``dtype`` (None stays None)."""
-    return None if t is None else t.reshape(-1).to(dtype).contiguous()
+    if t is None:
+        return None
+    t = t.reshape(-1)
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()

@@ -24,12 +24,22 @@ def _rows_per_chunk(logits3d):
 
 
 def _row_chunks(logits3d, rows_per_chunk):
-    """Yield (rows, view): flat row indices ``rows`` (a slice) and the logits view holding them."""
+    """Yield (rows, view): flat row indices ``rows`` (a slice; None when the view holds every row, as it
+    does for small inputs) and the logits view holding them."""
     B, T, V = logits3d.shape
+    if B == 1 and T <= rows_per_chunk:
+        yield None, logits3d[0]
+        return
     for seq in range(B):
         for pos0 in range(0, T, rows_per_chunk):
             pos1 = min(T, pos0 + rows_per_chunk)
             yield slice(seq * T + pos0, seq * T + pos1), logits3d[seq, pos0:pos1]
+
+
+def _take(column, rows, unsqueeze=False):
+    """``column[rows]`` (the whole column for rows None), as (n, 1) with ``unsqueeze``."""
+    part = column if rows is None else column[rows]
+    return part.unsqueeze(1) if unsqueeze else part
 
 
 def _scaled(view, inv_temp, out):
@@ -144,7 +154,7 @@ def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_sta
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
     if _every_label_owned(labels, vocab_start, V, ignore_index):
-        owned, idx = None, (labels - vocab_start if vocab_start else labels)[:, None]
+        owned, idx = None, (labels - vocab_start if vocab_start else labels).unsqueeze(1)
     else:
         owned, idx = _label_columns(labels, vocab_start, V)
         owned &= labels != ignore_index
@@ -154,13 +164,13 @@ def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_sta
     sweep = _sweep_cpu if logits3d.device.type == "cpu" else _sweep_excluded
     chunks = []
     for rows, view in _row_chunks(logits3d, step):
-        here, lab = None if owned is None else owned[rows, None], idx[rows]
-        z_i = view.gather(1, lab)[:, 0]
+        here, lab = None if owned is None else _take(owned, rows, True), _take(idx, rows)
+        z_i = view.gather(1, lab).squeeze(1)
         z_i = z_i if z_i.dtype == cdt else z_i.to(cdt)
         z_i = z_i if inv_temp == 1.0 else z_i * inv_temp
         if here is not None:
             z_i = torch.where(here[:, 0], z_i, 0.0)
-        m, s, u, q = sweep(view, lab, here, inv_temp, buf[: view.shape[0]], need_entropy)
+        m, s, u, q = sweep(view, lab, here, inv_temp, buf if rows is None else buf[: view.shape[0]], need_entropy)
         chunks.append((m, s, z_i, u, q))
     # ignored rows sweep nothing (as in the kernel): their values are never used
     if not chunks:
@@ -225,7 +235,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     V = logits3d.shape[-1]
     cpu = logits3d.device.type == "cpu"
     if _every_label_owned(labels, vocab_start, V):
-        owned, idx = None, (labels - vocab_start if vocab_start else labels)[:, None]
+        owned, idx = None, (labels - vocab_start if vocab_start else labels).unsqueeze(1)
     else:
         owned, idx = _label_columns(labels, vocab_start, V)
     cdt = compute_dtype(logits3d.dtype)
@@ -245,27 +255,27 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
             inactive &= ent_coef == 0
     else:
         inactive = coef == 0 if ent_coef is None else (coef == 0) & (ent_coef == 0)
-    for (rows_, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
-        dst = out if direct else buf[: view.shape[0]]
+    for (part, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
+        dst = out if direct else buf if part is None else buf[: view.shape[0]]
         if reference_zero:
             g = _direct_or_scaled(view, inv_temp, dst)
         else:
-            g = _shifted(view, m[rows_], inv_temp, dst)
+            g = _shifted(view, _take(m, part), inv_temp, dst)
         # g = z − m here (z = logits / τ); it becomes the gradient in dst
-        here, lab = None if owned is None else owned[rows_, None], idx[rows_]
-        c = coef[rows_, None]
+        here, lab = None if owned is None else _take(owned, part, True), _take(idx, part)
+        c = _take(coef, part, True)
         if ent_coef is not None:
-            st = rows[rows_]
+            st = _take(rows, part)
             log_pk = (g - st[:, ROW["log_s"], None]) + st[:, ROW["log_1mp"], None]
             log_p = st[:, ROW["log_p"], None]
             log_pk.scatter_(1, lab, log_p if here is None else torch.where(here, log_p, log_pk.gather(1, lab)))
             p_k = log_pk.exp()
-            ent = torch.where(p_k > 0, -ent_coef[rows_, None] * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
-        g = torch.exp(g, out=dst).mul_(inv_s_coef[rows_, None])
+            ent = torch.where(p_k > 0, -_take(ent_coef, part, True) * p_k * (log_pk + st[:, ROW["entropy"], None]), 0.0)
+        g = torch.exp(g, out=dst).mul_(_take(inv_s_coef, part, True))
         g.scatter_(1, lab, -c if here is None else torch.where(here, -c, g.gather(1, lab)))
         if ent_coef is not None:
             g.add_(ent)
         if inactive is not None:
-            g.masked_fill_(inactive[rows_, None], 0.0)
+            g.masked_fill_(_take(inactive, part, True), 0.0)
         if not direct:
             out.copy_(g)

@@ -3,6 +3,8 @@
 Same inputs, same outputs, same formulas and rules, vectorised over rows (see triton_heads.py for
 the symbols and the derivations). tests/test_heads.py runs both on the same rows.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +23,10 @@ def _log1mexp(x):
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
+def _lco_head(d, log_p, log_1mp, one_minus_p, adv, rho_pos, rho_neg):
     p = torch.exp(log_p)
-    rho = torch.where(adv > 0, rho_pos, rho_neg).to(d.dtype)
+    rho = torch.where(adv > 0, rho_pos, rho_neg)
+    rho = rho if rho.dtype == d.dtype else rho.to(d.dtype)
     abs_adv = adv.abs()
     raises = rho > 1
     clamped = raises & (torch.log(rho) + log_p >= 0)
@@ -34,7 +37,7 @@ def _lco_head(d, log_p, log_1mp, adv, rho_pos, rho_neg):
     t = torch.where(clamped, 1.0, rho * p)
     kl_sampled = torch.where(clamped, -log_p, torch.xlogy(t, rho))  # t·log ρ, 0 where t = 0 (also for ρ = 0)
     kl_rest = torch.where(t >= 1, 0.0, torch.exp(log_1mt) * (log_1mt - log_1mp))  # t ≥ 1 wherever clamped
-    alpha = abs_adv * torch.where(clamped, torch.exp(log_1mp), (rho - 1) * p)
+    alpha = abs_adv * torch.where(clamped, one_minus_p, (rho - 1) * p)
     return abs_adv * (kl_sampled + kl_rest), alpha, t, clamped
 
 
@@ -114,7 +117,8 @@ def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
         loss = torch.where(adv == 0, 0.0, -adv * log_p) + 0.5 * spec.dro_beta * x * x
         alpha = (adv - spec.dro_beta * x) * one_minus_p
     else:
-        loss, alpha, target, clamped = _lco_head(d, log_p, log_1mp, adv, spec.rho_pos, spec.rho_neg)
+        loss, alpha, target, clamped = _lco_head(d, log_p, log_1mp, one_minus_p, adv, spec.rho_pos,
+                                                    spec.rho_neg)
         if spec.has_old:
             ratio = torch.exp(log_p - old_logp)
             clipped = ((adv > 0) & (ratio > 1 + spec.epsilon_high)) | ((adv < 0) & (ratio < 1 - spec.epsilon_low))
@@ -130,11 +134,12 @@ def _log_p_pair(d):
 
 
 def _finite(*columns):
-    """Whether every value of these columns is finite: one host read (CPU tensors only)."""
+    """Whether every value of these columns is finite: one host read (CPU tensors only). A sum is finite
+    when every term is (isfinite costs four ops); one that overflows only sends the call down the masked path."""
     total = columns[0]
     for c in columns[1:]:
         total = total + c
-    return bool(total.isfinite().all())
+    return math.isfinite(float(total.sum()))
 
 
 def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossSpec, need_entropy, with_stats):
