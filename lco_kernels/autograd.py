@@ -1,5 +1,5 @@
-"""Autograd helpers shared by the custom ops (ops.py) and the fused-linear Function: one backend launch
-in forward (sweep 1 + head), one in backward (sweep 2).
+"""Autograd helpers shared by the custom ops (ops.py) and the fused-linear Function, and ``LossFunction``,
+the losses of eager calls: one backend launch in forward (sweep 1 + head), one in backward (sweep 2).
 
 The forward keeps O(N) per-row state (stats.ROW_STATE) beside the caller's logits; the backward
 folds the reduction weight, the upstream gradient (a scalar, or one value per token for "none")
@@ -11,6 +11,7 @@ import torch
 
 from . import tensor_parallel
 from ._plumbing import flat
+from ._validation import check_labels_in_range
 from .stats import ROW
 from .torch_backend import compute_dtype
 
@@ -52,7 +53,8 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
     upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
     inv_temp = 1.0 / spec.temperature
     coef = rows[:, ROW["alpha"]] * upstream
-    coef = (coef if inv_temp == 1.0 else coef * inv_temp).to(rows.dtype).contiguous()
+    coef = coef if inv_temp == 1.0 else coef * inv_temp
+    coef = (coef if coef.dtype == rows.dtype else coef.to(rows.dtype)).contiguous()
     if not entropy_grad:
         return coef, None
     d_entropy = -spec.entropy_coef * upstream  # the loss holds −entropy_coef·H
@@ -70,11 +72,14 @@ def refuse_double_backward():
                            "(a Hessian-vector product, a gradient penalty) through them is not supported")
 
 
-class ShardedLossFunction(torch.autograd.Function):
-    """A loss on one rank's vocabulary shard (tensor_parallel.py); outputs (loss, entropy, stats), see
-    ``reduce_rows``. ``tp`` = (process group, first column): the forward combines the shards' partials
-    in one all-gather; the backward is the same local sweep, shifted to the shard's columns. (The
-    single-process losses are the custom ops of ops.py: a ProcessGroup cannot pass through an op schema.)"""
+class LossFunction(torch.autograd.Function):
+    """A loss of an eager call (ops.runs_eagerly) on the whole vocabulary (``tp`` None) or on one rank's
+    vocabulary shard; outputs (loss, entropy, stats), see ``reduce_rows``. The reduction's weights are
+    applied inside: no autograd nodes of their own, the same products as the custom ops' traced reduction,
+    bit for bit. ``tp`` = (process group, first column) (tensor_parallel.py): the forward combines the
+    shards' partials in one all-gather; the backward is the same local sweep, shifted to the shard's
+    columns. Traced calls (torch.compile, export, fake and meta tensors) take the custom ops of ops.py
+    instead; a ProcessGroup cannot pass through an op schema, so sharded calls always come here."""
 
     @staticmethod
     def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
@@ -85,14 +90,18 @@ class ShardedLossFunction(torch.autograd.Function):
         entropy_grad = return_entropy or spec.has_entropy_term
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec, ignore_index,
                      entropy_grad or with_stats, with_stats)
-        rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
+        if tp is None:
+            check_labels_in_range(labels_flat, logits.shape[-1], ignore_index)  # CPU tensors only
+            rows, stats = backend.forward_rows(logits3d, labels_flat, *per_token)
+        else:  # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
+            rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
         ctx.save_for_backward(logits, labels_flat, rows, weights)
         ctx.spec = spec
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
         ctx.entropy_grad = entropy_grad
         ctx.gradient_written = False
-        ctx.vocab_start = tp[1]
+        ctx.vocab_start = 0 if tp is None else tp[1]
         return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
 
     @staticmethod
@@ -114,5 +123,5 @@ class ShardedLossFunction(torch.autograd.Function):
             # Anything else that saved these logits now fails its version check instead of
             # silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        n_others = ShardedLossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
+        n_others = LossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
         return (grad3d.view(logits.shape),) + (None,) * n_others

@@ -202,22 +202,17 @@ policy_backward_ = define("policy_backward_", f"(Tensor(a!) logits, {_BACKWARD_A
                           _policy_backward_inplace, lambda *_: None, mutates=("logits",))
 
 
-def _save(ctx, logits, labels, rows, stats):
-    ctx.save_for_backward(logits, labels, rows)
-    ctx.gradient_written = False
-    ctx.mark_non_differentiable(rows, stats)
-    ctx.set_materialize_grads(False)  # no zero gradients for the outputs nobody used
-
-
 def _policy_setup_context(ctx, inputs, output):
-    _save(ctx, inputs[0], inputs[1], output[2], output[3])
+    ctx.save_for_backward(inputs[0], inputs[1], output[2])
+    ctx.gradient_written = False
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs nobody used
     ctx.config = inputs[6:]
 
 
-def _gradient(ctx, cfg, grad_loss, grad_entropy, write_gradient):
-    """∂L/∂logits of a policy forward: the row coefficients from the upstream gradients, then
-    ``write_gradient(logits, labels, coef, ent_coef, rows)`` (the sweep, into a new tensor or in place)."""
+def _policy_gradient(ctx, grad_loss, grad_entropy, grad_rows, grad_stats):
     refuse_double_backward()
+    cfg = policy_config(*ctx.config)
     if cfg.inplace_backward and ctx.gradient_written:
         raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                            "gradient, so this graph cannot be differentiated again")
@@ -226,60 +221,25 @@ def _gradient(ctx, cfg, grad_loss, grad_entropy, write_gradient):
         grad_loss = torch.zeros_like(rows[:, ROW["loss"]])
     # weights=None: the reduction weight is already in grad_loss (autograd of the reduction outside the op)
     coef, ent_coef = row_coefficients(cfg.spec, rows, None, grad_loss, grad_entropy, cfg.need_entropy)
-    grad = write_gradient(logits, labels, coef, ent_coef, rows)
+    if cfg.inplace_backward:
+        policy_backward_(logits, labels, coef, ent_coef, rows, *ctx.config)  # bumps the logits' version
+        grad = logits
+    else:
+        grad = policy_backward(logits, labels, coef, ent_coef, rows, *ctx.config)
     ctx.gradient_written = cfg.inplace_backward
-    return grad
-
-
-def _policy_gradient(ctx, grad_loss, grad_entropy, grad_rows, grad_stats):
-    cfg = policy_config(*ctx.config)
-
-    def write_gradient(*args):
-        if cfg.inplace_backward:
-            policy_backward_(*args, *ctx.config)  # bumps the logits' version
-            return args[0]
-        return policy_backward(*args, *ctx.config)
-
-    grad = _gradient(ctx, cfg, grad_loss, grad_entropy, write_gradient)
     return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 policy_forward.register_autograd(_policy_gradient, setup_context=_policy_setup_context)
 
 
-# ---- the same forward and gradient for eager calls, without the op machinery ----
+# ---- which calls take the ops ----
 
 def runs_eagerly(logits):
     """True for an eager call on plain tensors: not traced by torch.compile or export, no dispatch mode
     (FakeTensorMode, functionalization, ...), not a tensor subclass, not on the meta device. Such a call
-    can skip the custom op's dispatch and its torch.library autograd layer (``EagerPolicy``): on small
-    inputs that layer costs more than the arithmetic. Every other call goes through the ops."""
+    skips the custom op's dispatch and its torch.library autograd layer (autograd.LossFunction runs the
+    same forward and gradient): on small inputs that layer costs more than the arithmetic. Every other
+    call goes through the ops."""
     return (type(logits) is torch.Tensor and not logits.is_meta and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0)
-
-
-class EagerPolicy(torch.autograd.Function):
-    """``policy_forward`` with its registered gradient, as a plain autograd Function: the same
-    ``run_forward`` and ``run_backward`` functions, called directly with a ``PolicyConfig`` (no string
-    to encode or decode)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index, cfg):
-        output = run_forward(logits, labels, advantages, old_logprobs, ref_logprobs, ignore_index, cfg)
-        _save(ctx, logits, labels, output[2], output[3])
-        ctx.cfg = cfg
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_entropy, grad_rows, grad_stats):
-        cfg = ctx.cfg
-
-        def write_gradient(logits, *args):
-            if not cfg.inplace_backward:
-                return run_backward(logits, *args, cfg)
-            run_backward_inplace(logits, *args, cfg)
-            # anything else that saved these logits now fails its version check instead of reading the gradient
-            torch.autograd.graph.increment_version(logits)
-            return logits
-
-        return (_gradient(ctx, cfg, grad_loss, grad_entropy, write_gradient),) + (None,) * 6

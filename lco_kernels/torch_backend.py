@@ -27,7 +27,7 @@ def _row_chunks(logits3d, rows_per_chunk):
     """Yield (rows, view): flat row indices ``rows`` (a slice; None when the view holds every row, as it
     does for small inputs) and the logits view holding them."""
     B, T, V = logits3d.shape
-    if B == 1 and T <= rows_per_chunk:
+    if B == 1 and 0 < T <= rows_per_chunk:
         yield None, logits3d[0]
         return
     for seq in range(B):

@@ -287,8 +287,9 @@ def test_meta_and_fake_tensors(name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_calls_skip_the_ops_with_identical_results(backend, device, monkeypatch):
-    """An eager call on plain tensors runs ops.EagerPolicy, not the custom op; forced through the op, every
-    output and gradient is bit-identical (stats, entropy, KL, in place). Meta, fake and compiled calls keep the op."""
+    """An eager call on plain tensors runs autograd.LossFunction (the reduction inside), not the custom op;
+    forced through the op, every output and gradient is bit-identical (stats, entropy, KL, in place, "mean"
+    and "none"). Meta, fake and compiled calls keep the op."""
     plain = torch.zeros(2, 3, device=device)
     assert ops.runs_eagerly(plain) and not ops.runs_eagerly(plain.to("meta"))
     with FakeTensorMode():

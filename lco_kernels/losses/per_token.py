@@ -67,7 +67,7 @@ import torch
 from .. import ops, tensor_parallel
 from .._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from .._validation import check_logits_labels, check_no_self_overlap, check_options
-from ..autograd import ShardedLossFunction
+from ..autograd import LossFunction
 from ..registry import EPSILON, RHO_NEG, RHO_POS
 from ..stats import TokenStats
 
@@ -93,21 +93,19 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
     tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                             reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
                             seq_count=seq_count)
-    if tp is None:
-        # the labels are checked against the vocabulary inside the op (on CPU tensors only: ops.py)
+    if tp is None and not ops.runs_eagerly(logits):
+        # traced: the custom op, with the reduction around it traced with the model; the labels are checked
+        # against the vocabulary inside the op (on CPU tensors only: ops.py)
         dtype = ops.compute_dtype(logits.dtype)
         inputs = (logits, flat(tokens.labels, torch.int64), flat(tokens.advantages, dtype),
                   flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index))
         options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
                    ops.backend_name(impl))
-        if ops.runs_eagerly(logits):
-            rows, entropy, _, stats = ops.EagerPolicy.apply(*inputs, ops.PolicyConfig(*options))
-        else:
-            rows, entropy, _, stats = ops.policy_forward(*inputs, *ops.policy_args(*options))
+        rows, entropy, _, stats = ops.policy_forward(*inputs, *ops.policy_args(*options))
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
-        # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
-        loss, entropy, stats = ShardedLossFunction.apply(
+        # eager (ops.runs_eagerly), or a vocabulary shard: the same forward and gradient as an autograd Function
+        loss, entropy, stats = LossFunction.apply(
             logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
             int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
     if mesh is not None:
