@@ -186,7 +186,8 @@ def sweep_rows(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The (N, len(PARTIALS)) raw sweep quantities (m, s, z_i, owned, u, q) of a vocabulary shard (u, q
     zero without the entropy): what vocabulary-parallel ranks exchange."""
     col = _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start)
-    col["owned"] = col["owned"].to(col["s"].dtype)
+    owned = col["owned"]  # None: this shard owns every label
+    col["owned"] = torch.ones_like(col["s"]) if owned is None else owned.to(col["s"].dtype)
     zero = torch.zeros_like(col["s"])
     return torch.stack([zero if col[name] is None else col[name] for name in PARTIALS], dim=1)
 
@@ -247,14 +248,12 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     # element is read before it is overwritten); otherwise in a chunk buffer, cast on the way out.
     direct = grad3d.dtype == cdt
     buf = None if direct else torch.empty(step, V, dtype=cdt, device=logits3d.device)
+    # a row without a gradient (coef and ent_coef 0: ignored, or nothing to push) is zeroed
+    inactive = coef == 0 if ent_coef is None else (coef == 0) & (ent_coef == 0)
     # on a GPU these two tests would be host syncs
     reference_zero = cpu and not bool(m.any())  # every row swept with m = 0 (``_sweep_cpu``): no shift pass
-    if cpu:  # a row without a gradient (coef and ent_coef 0: ignored, or nothing to push) is zeroed
-        inactive = None if bool(coef.all()) or (ent_coef is not None and bool(ent_coef.all())) else coef == 0
-        if inactive is not None and ent_coef is not None:
-            inactive &= ent_coef == 0
-    else:
-        inactive = coef == 0 if ent_coef is None else (coef == 0) & (ent_coef == 0)
+    if cpu and not bool(inactive.any()):
+        inactive = None
     for (part, view), (_, out) in zip(_row_chunks(logits3d, step), _row_chunks(grad3d, step)):
         dst = out if direct else buf if part is None else buf[: view.shape[0]]
         if reference_zero:

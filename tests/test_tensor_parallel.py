@@ -8,6 +8,9 @@ import pytest
 import torch
 from helpers import spawn
 
+from lco_kernels import torch_backend
+from lco_kernels._plumbing import loss_spec
+from lco_kernels.autograd import as_rows3d
 from lco_kernels.stats import PART, PARTIALS
 from lco_kernels.tensor_parallel import _BASE_K, combine_partials
 
@@ -68,6 +71,21 @@ def test_combine_equals_whole_vocabulary(with_entropy):
     full = z.clone()
     full[valid, labels[valid]] = -torch.inf
     torch.testing.assert_close(lse_excl[valid], torch.logsumexp(full[valid], dim=1), equal_nan=True)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_a_shard_owning_every_label_sends_the_same_partials(with_entropy):
+    """On CPU tensors the PyTorch backend sweeps a shard whose columns hold every label without its ownership
+    masks. The partials it sends are those of the same rows swept beside a row whose label lies on another
+    shard (the masked path), bit for bit, with ``owned`` = 1."""
+    z = torch.randn(7, 40) * 3
+    labels = torch.randint(50, 90, (7,))
+    labels[6] = 10                          # another shard's label: the masked path
+    spec = loss_spec("lco")
+    alone = torch_backend.sweep_rows(as_rows3d(z[:6]), labels[:6], spec, -100, with_entropy, 50)
+    beside = torch_backend.sweep_rows(as_rows3d(z), labels, spec, -100, with_entropy, 50)
+    assert torch.equal(alone, beside[:6])
+    assert alone[:, PART["owned"]].tolist() == [1.0] * 6 and beside[6, PART["owned"]].item() == 0.0
 
 
 def test_combine_is_identity_for_one_shard():
