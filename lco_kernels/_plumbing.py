@@ -1,6 +1,7 @@
 """Private plumbing shared by the logits-level and fused-linear losses: backend resolution, the
 checked ``LossSpec`` of a call, and the per-token inputs prepared for the sweeps."""
 import dataclasses
+import functools
 
 import torch
 
@@ -42,7 +43,22 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
     """The checked ``LossSpec`` of loss ``name`` (a key of registry.LOSSES) with these options.
 
     ``epsilon_low=None`` is CISPO's one-sided cap (no lower clip); for the other losses it means
-    their default 0.2. Options of other losses are ignored (``fused_linear_policy_loss`` passes all)."""
+    their default 0.2. Options of other losses are ignored (``fused_linear_policy_loss`` passes all).
+    Checked once per distinct configuration: the tensors count only as given or not."""
+    args = (name, old_logprobs is not None, ref_logprobs is not None, rho_pos, rho_neg, epsilon_low, epsilon_high,
+            dual_clip, beta, kl_type, entropy_coef, temperature, bias_correction_kl, tau_pos, tau_neg, divergence,
+            delta_low, delta_high, clip_ratio_c, dro_beta)
+    if torch.compiler.is_compiling():  # options may be symbolic there
+        return _checked_spec(*args)
+    try:
+        return _cached_spec(*args)
+    except TypeError:  # an unhashable option: the check itself names it (or passes)
+        return _checked_spec(*args)
+
+
+def _checked_spec(name, given_old, given_ref, rho_pos, rho_neg, epsilon_low, epsilon_high, dual_clip, beta, kl_type,
+                  entropy_coef, temperature, bias_correction_kl, tau_pos, tau_neg, divergence, delta_low, delta_high,
+                  clip_ratio_c, dro_beta):
     info = LOSSES.get(name)
     if info is None:
         own = _own_fused_linear_form(name)
@@ -67,14 +83,14 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
         if dro_beta is None:
             raise ValueError("loss='dro' needs dro_beta (> 0, the weight of the squared log-ratio)")
         check_dro(dro_beta)
-    if info.old_logprobs == "required" and old_logprobs is None:
+    if info.old_logprobs == "required" and not given_old:
         raise ValueError(f"loss={name!r} needs old_logprobs (the behaviour policy's log-probs of the labels)")
-    if beta > 0 and ref_logprobs is None:
+    if beta > 0 and not given_ref:
         raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probs of the labels)")
-    if ref_logprobs is not None and not info.advantages:
+    if given_ref and not info.advantages:
         raise ValueError(f"loss={name!r} takes no ref_logprobs (a KL term belongs to the RL losses)")
-    has_old = old_logprobs is not None and info.old_logprobs != "none"
-    has_ref = ref_logprobs is not None and beta > 0
+    has_old = given_old and info.old_logprobs != "none"
+    has_ref = given_ref and beta > 0
     if bias_correction_kl and has_ref and not has_old:
         raise ValueError("bias_correction_kl=True weighs the KL term by the ratio p_i / p_old: it needs old_logprobs")
     return LossSpec(name, rho_pos=float(rho_pos), rho_neg=float(rho_neg),
@@ -85,6 +101,10 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
                     delta_low=float(delta_low), delta_high=float(delta_high), clip_ratio_c=float(clip_ratio_c),
                     dro_beta=0.0 if dro_beta is None else float(dro_beta),
                     bias_correction_kl=bool(bias_correction_kl) and has_ref, has_old=has_old, has_ref=has_ref)
+
+
+# typed: 1, 1.0 and True are different options (a bool where a number belongs is refused)
+_cached_spec = functools.lru_cache(maxsize=256, typed=True)(_checked_spec)
 
 
 def _own_fused_linear_form(name):
