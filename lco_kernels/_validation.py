@@ -222,18 +222,21 @@ def label_check_reads_device(labels):
 
 def check_labels_in_range(labels, V, ignore_index):
     """Called inside the forward ops (ops.py) on the tensors they run on, so compiled CPU code raises as
-    eager code does (there torch.compile is no longer tracing), and inside the fused-linear Function."""
+    eager code does (there torch.compile is no longer tracing), and inside the fused-linear Function.
+    Returns True when it read that every label is a column and none can be ``ignore_index`` (no padding)."""
     if not label_check_reads_device(labels) or labels.numel() == 0:
-        return
+        return False
     lo, hi = labels.aminmax()
-    if 0 <= int(lo) and int(hi) < V:  # one op for the common case: every label a column
-        return
+    lo, hi = int(lo), int(hi)
+    if 0 <= lo and hi < V:  # one op for the common case: every label a column
+        return not lo <= ignore_index <= hi
     lo, hi = labels.masked_fill(labels == ignore_index, 0).aminmax()  # three ops where a mask of each rule takes six
     if int(lo) < 0 or int(hi) >= V:  # a label out of range (or V = 0): find it
         bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
         if bool(bad.any()):
             first = labels[bad].reshape(-1)[0].item()
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {first}")
+    return False
 
 
 def check_backend_dtype(backend, dtype):

@@ -9,7 +9,7 @@ value on the host. Second derivatives are not supported: backward(create_graph=T
 """
 import torch
 
-from . import tensor_parallel
+from . import tensor_parallel, torch_backend
 from ._plumbing import flat
 from ._validation import check_labels_in_range
 from .stats import ROW
@@ -48,13 +48,18 @@ def reduce_rows(ctx, rows, weights, shape, stats, return_entropy):
     return reduced, entropy, stats
 
 
+def loss_coefficient(alpha, upstream, inv_temp):
+    """coef = α × upstream / τ per row (``upstream``: the reduction weight × the upstream gradient)."""
+    coef = alpha * upstream
+    coef = coef if inv_temp == 1.0 else coef * inv_temp
+    return (coef if coef.dtype == alpha.dtype else coef.to(alpha.dtype)).contiguous()
+
+
 def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad):
     """(coef, ent_coef or None) per row for the backward sweep."""
     upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
     inv_temp = 1.0 / spec.temperature
-    coef = rows[:, ROW["alpha"]] * upstream
-    coef = coef if inv_temp == 1.0 else coef * inv_temp
-    coef = (coef if coef.dtype == rows.dtype else coef.to(rows.dtype)).contiguous()
+    coef = loss_coefficient(rows[:, ROW["alpha"]], upstream, inv_temp)
     if not entropy_grad:
         return coef, None
     d_entropy = -spec.entropy_coef * upstream  # the loss holds −entropy_coef·H
@@ -90,13 +95,25 @@ class LossFunction(torch.autograd.Function):
         entropy_grad = return_entropy or spec.has_entropy_term
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec, ignore_index,
                      entropy_grad or with_stats, with_stats)
+        ctx.spec = spec
+        ctx.ordinary = False
         if tp is None:
-            check_labels_in_range(labels_flat, logits.shape[-1], ignore_index)  # CPU tensors only
+            every_label = check_labels_in_range(labels_flat, logits.shape[-1], ignore_index)  # CPU tensors only
+            if (every_label and backend is torch_backend and not (entropy_grad or with_stats or inplace_backward)
+                    and torch_backend.takes_ordinary(logits3d)):
+                ordinary = torch_backend.ordinary_forward(logits3d[0], labels_flat, *per_token[:3], spec)
+                if ordinary is not None:  # no row needs the row table, masks or chunks
+                    loss, alpha, log_s = ordinary
+                    ctx.save_for_backward(logits, labels_flat, alpha, log_s, weights)
+                    ctx.ordinary = True
+                    reduced = loss.reshape(labels.shape) if weights is None else (loss * weights).sum()
+                    empty = loss.new_zeros(0)
+                    ctx.mark_non_differentiable(empty)
+                    return reduced, empty, empty
             rows, stats = backend.forward_rows(logits3d, labels_flat, *per_token)
         else:  # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
             rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
         ctx.save_for_backward(logits, labels_flat, rows, weights)
-        ctx.spec = spec
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
         ctx.entropy_grad = entropy_grad
@@ -107,6 +124,14 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy, grad_stats):
         refuse_double_backward()
+        n_others = LossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
+        if ctx.ordinary:
+            logits, labels_flat, alpha, log_s, weights = ctx.saved_tensors
+            upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
+            coef = loss_coefficient(alpha, upstream, 1.0 / ctx.spec.temperature)
+            grad = torch_backend.ordinary_backward(as_rows3d(logits)[0], labels_flat, coef, log_s,
+                                                   1.0 / ctx.spec.temperature)
+            return (grad.view(logits.shape),) + (None,) * n_others
         if ctx.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")
@@ -123,5 +148,4 @@ class LossFunction(torch.autograd.Function):
             # Anything else that saved these logits now fails its version check instead of
             # silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        n_others = LossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
         return (grad3d.view(logits.shape),) + (None,) * n_others

@@ -8,6 +8,7 @@ never N×V. Computation is in fp32, or fp64 for fp64 logits (used by gradcheck).
 import torch
 
 from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT_ROWS
+from . import torch_heads
 from .torch_heads import row_head
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk of rows
@@ -278,3 +279,48 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
             g.masked_fill_(_take(inactive, part, True), 0.0)
         if not direct:
             out.copy_(g)
+
+
+# ---- one pass each way for ordinary calls ----
+# A call on the CPU whose logits fit one chunk, without the entropy, statistics or an in-place gradient,
+# where every label is a column (none is padding) and every row is ordinary (its sum s in [_TINY, _HUGE],
+# d and the per-token inputs finite) needs none of the row table, masks or chunking: the sweep, the
+# head's loss and α, and the gradient from (α, log s) alone. The values are those of the general path,
+# bit for bit (tests/test_losses.py::test_ordinary_calls_leave_out_the_masks_exactly).
+
+def takes_ordinary(logits3d):
+    """Whether these (B, T, V) logits can take ``ordinary_forward``: CPU, one row stride, one chunk, and the
+    compute dtype already (the gradient is then built in its destination)."""
+    B, T, V = logits3d.shape
+    return (logits3d.device.type == "cpu" and B == 1 and 0 < T * V <= _CHUNK_ELEMENTS
+            and logits3d.dtype == compute_dtype(logits3d.dtype))
+
+
+def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, spec):
+    """(loss, alpha, log_s) per row, or None where some row is not ordinary (the caller then takes the
+    general path). ``labels`` must all be columns of ``logits2d``."""
+    lab = labels[:, None]
+    inv_temp = 1.0 / spec.temperature
+    z_i = logits2d.gather(1, lab).squeeze(1)
+    z_i = z_i if inv_temp == 1.0 else z_i * inv_temp
+    e = torch.empty(logits2d.shape, dtype=logits2d.dtype)
+    e = torch.exp(_direct_or_scaled(logits2d, inv_temp, e), out=e)  # the reference m = 0, as _sweep_cpu's
+    e.scatter_(1, lab, 0.0)
+    s = e.sum(dim=1)
+    lo, hi = s.aminmax()
+    if not (float(lo) >= _TINY and float(hi) <= _HUGE):  # NaN fails both
+        return None
+    log_s = torch.log(s)
+    d = z_i - log_s
+    inputs = [x for x in (advantages, old_logprobs, ref_logprobs) if x is not None]
+    if not torch_heads.finite(d, *inputs):
+        return None
+    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec)
+    return loss, alpha, log_s
+
+
+def ordinary_backward(logits2d, labels, coef, log_s, inv_temp):
+    """The gradient coef·p̃ (−coef at the label) of ``ordinary_forward``'s rows, as a new tensor."""
+    g = torch.empty(logits2d.shape, dtype=logits2d.dtype)
+    g = torch.exp(_direct_or_scaled(logits2d, inv_temp, g), out=g).mul_((coef * torch.exp(-log_s))[:, None])
+    return g.scatter_(1, labels[:, None], -coef[:, None])

@@ -133,7 +133,22 @@ def _log_p_pair(d):
     return -F.softplus(-d, threshold=40.0), -F.softplus(d, threshold=40.0)
 
 
-def _finite(*columns):
+def loss_terms(d, adv, old_logp, ref_logp, spec: LossSpec):
+    """(log p_i, log(1 − p_i), loss, alpha, target, clamped, clipped) per row at d = log p_i − log(1 − p_i):
+    the policy term with its KL penalty (target, clamped, clipped None where the loss has none)."""
+    log_p, log_1mp = _log_p_pair(d)
+    loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
+    if spec.has_ref:
+        kl, dkl = _kl_term(log_p, ref_logp, spec.kl_type)
+        if spec.bias_correction_kl:
+            ratio = torch.exp(log_p - old_logp)
+            kl, dkl = kl * ratio, (dkl + kl) * ratio
+        loss = loss + spec.beta * kl
+        alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
+    return log_p, log_1mp, loss, alpha, target, clamped, clipped
+
+
+def finite(*columns):
     """Whether every value of these columns is finite: one host read (CPU tensors only). A sum is finite
     when every term is (isfinite costs four ops); one that overflows only sends the call down the masked path."""
     total = columns[0]
@@ -163,19 +178,11 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
         z_rel, z_rel_err = _two_diff(z_i, m)
         d = (z_rel - log_s) + z_rel_err
     inputs = [x for x in (adv, old_logp, ref_logp) if x is not None]
-    ordinary = owned is None and _finite(d, *inputs)
+    ordinary = owned is None and finite(d, *inputs)
     if not ordinary:
         only_option = s == 0
         d = torch.where(only_option, torch.inf, d)
-    log_p, log_1mp = _log_p_pair(d)
-    loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
-    if spec.has_ref:
-        kl, dkl = _kl_term(log_p, ref_logp, spec.kl_type)
-        if spec.bias_correction_kl:
-            ratio = torch.exp(log_p - old_logp)
-            kl, dkl = kl * ratio, (dkl + kl) * ratio
-        loss = loss + spec.beta * kl
-        alpha = alpha - spec.beta * dkl * torch.exp(log_1mp)
+    log_p, log_1mp, loss, alpha, target, clamped, clipped = loss_terms(d, adv, old_logp, ref_logp, spec)
     if not ordinary:
         alpha = torch.where(only_option, 0.0, alpha)
         if spec.kind == Kind.LCO:

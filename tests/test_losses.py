@@ -8,7 +8,7 @@ import torch
 import lco_kernels
 import reference
 from helpers import BACKENDS, assert_grad_close, assert_loss_close, make_inputs
-from lco_kernels import lco_loss, ppo_loss, torch_heads
+from lco_kernels import lco_loss, ppo_loss, torch_backend, torch_heads
 from lco_kernels.diagnostics.aot import heads
 from lco_kernels.reductions import REDUCTIONS
 from lco_kernels.registry import DIVERGENCES, LOSSES, LossSpec
@@ -113,17 +113,21 @@ def test_bf16_and_loss_mask(name, fn, kind, extra, backend, device):
 @pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entropy_coef, monkeypatch):
     """On CPU tensors the PyTorch backend leaves its row masks out (padding and labels outside the shard,
-    NaN rows, rows with no other option) when no row of the call needs one. Each row's loss and gradient
-    (with the entropy term too) are the same bit for bit whether its call took that path (six ordinary
-    rows) or the masked one (the same rows beside one padding row), and match the float64 reference."""
+    NaN rows, rows with no other option) when no row of the call needs one; without the entropy it then
+    takes its one-pass forward and backward (torch_backend.ordinary_forward: no row table either). Each
+    row's loss and gradient (with the entropy term too) are the same bit for bit whether its call took
+    that path (six ordinary rows) or the masked one (the same rows beside one padding row), and match the
+    float64 reference."""
     logits, labels, adv, old, ref = family_inputs((6,), 300, torch.float32, "cpu")
     labels = torch.where(labels < 0, 7, labels)
     pad = torch.randn(1, 300) * 3
     padded = (torch.cat([logits, pad]), torch.cat([labels, torch.tensor([-100])]),
               *(torch.cat([t, torch.randn(1) - 1]) for t in (adv, old, ref)))
-    fast = []
-    real_finite = torch_heads._finite
-    monkeypatch.setattr(torch_heads, "_finite", lambda *c: fast.append(real_finite(*c)) or fast[-1])
+    fast, one_pass = [], []
+    real_finite, real_forward = torch_heads.finite, torch_backend.ordinary_forward
+    monkeypatch.setattr(torch_heads, "finite", lambda *c: fast.append(real_finite(*c)) or fast[-1])
+    monkeypatch.setattr(torch_backend, "ordinary_forward",
+                        lambda *a: one_pass.append(real_forward(*a)) or one_pass[-1])
     results = []
     for z, y, a, o, r in ((logits, labels, adv, old, ref), padded):
         x = z.clone().requires_grad_(True)
@@ -132,6 +136,7 @@ def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entro
         (grad,) = torch.autograd.grad(loss.sum(), x)
         results.append((loss[:6].detach(), grad[:6]))
     assert fast == [True], fast  # the ordinary call checked its rows and left the masks out; the padded one did not
+    assert [r is not None for r in one_pass] == ([] if entropy_coef else [True])
     for got, want, what in zip(*results, ("loss", "gradient")):
         assert torch.equal(got, want), what
     ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "none", entropy_coef=entropy_coef)
