@@ -7,11 +7,15 @@ and 1/τ into ``coef = alpha × weight × upstream / τ`` per row (and the entro
 same way), so all are applied exactly, without another N×V pass and without reading the upstream
 value on the host. Second derivatives are not supported: backward(create_graph=True) raises.
 """
+import types
+import typing
+
 import torch
 
 from . import tensor_parallel, torch_backend
 from ._plumbing import flat
 from ._validation import check_labels_in_range
+from .registry import LossSpec
 from .stats import ROW
 from .torch_backend import compute_dtype
 
@@ -39,13 +43,17 @@ def reduce_rows(ctx, rows, weights, shape, stats, return_entropy):
     """A Function's outputs (loss, entropy, stats): the per-token loss reduced with ``weights`` (or per
     token, in ``shape``, when None); the entropy per token when requested (differentiable), else an
     empty tensor; the statistics (empty when not requested), which have no gradient."""
-    loss = rows[:, ROW["loss"]]
-    reduced = loss.reshape(shape) if weights is None else (loss * weights).sum()
+    reduced = reduce_loss(rows[:, ROW["loss"]], weights, shape)
     entropy = rows[:, ROW["entropy"]].reshape(shape) if return_entropy else rows.new_zeros(0)
     if stats is None:
         stats = rows.new_zeros(0)
     ctx.mark_non_differentiable(*((stats,) if return_entropy else (stats, entropy)))  # one call: each replaces
     return reduced, entropy, stats
+
+
+def reduce_loss(loss, weights, shape):
+    """The per-token loss reduced with ``weights``, or per token in ``shape`` when None."""
+    return loss.reshape(shape) if weights is None else (loss * weights).sum()
 
 
 def loss_coefficient(alpha, upstream, inv_temp):
@@ -77,75 +85,87 @@ def refuse_double_backward():
                            "(a Hessian-vector product, a gradient penalty) through them is not supported")
 
 
+class Call(typing.NamedTuple):
+    """What a ``LossFunction`` call takes besides its tensors (one argument: each one costs the call)."""
+    spec: LossSpec
+    ignore_index: int
+    inplace_backward: bool
+    backend: types.ModuleType  # torch_backend | triton_backend
+    with_stats: bool
+    return_entropy: bool
+    tp: tuple | None           # (process group, first column) of a vocabulary shard
+
+
 class LossFunction(torch.autograd.Function):
-    """A loss of an eager call (ops.runs_eagerly) on the whole vocabulary (``tp`` None) or on one rank's
-    vocabulary shard; outputs (loss, entropy, stats), see ``reduce_rows``. The reduction's weights are
-    applied inside: no autograd nodes of their own, the same products as the custom ops' traced reduction,
-    bit for bit. ``tp`` = (process group, first column) (tensor_parallel.py): the forward combines the
-    shards' partials in one all-gather; the backward is the same local sweep, shifted to the shard's
-    columns. Traced calls (torch.compile, export, fake and meta tensors) take the custom ops of ops.py
-    instead; a ProcessGroup cannot pass through an op schema, so sharded calls always come here."""
+    """A loss of an eager call (ops.runs_eagerly) on the whole vocabulary (``call.tp`` None) or on one
+    rank's vocabulary shard: the reduced loss alone, or (loss, entropy, stats) with ``return_entropy`` or
+    ``with_stats`` (see ``reduce_rows``). The reduction's weights are applied inside: no autograd nodes of
+    their own, the same products as the custom ops' traced reduction, bit for bit. ``tp`` (tensor_parallel.py):
+    the forward combines the shards' partials in one all-gather; the backward is the same local sweep,
+    shifted to the shard's columns. Traced calls (torch.compile, export, fake and meta tensors) take the
+    custom ops of ops.py instead; a ProcessGroup cannot pass through an op schema, so sharded calls always
+    come here. Ordinary CPU calls take the PyTorch backend's one-pass forward and backward
+    (torch_backend.ordinary_forward)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, spec, ignore_index,
-                inplace_backward, backend, with_stats, return_entropy, tp):
+    def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, call):
+        spec = call.spec
         logits3d = as_rows3d(logits)
         dtype = compute_dtype(logits.dtype)
         labels_flat = flat(labels, torch.int64)
-        entropy_grad = return_entropy or spec.has_entropy_term
-        per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype), spec, ignore_index,
-                     entropy_grad or with_stats, with_stats)
-        ctx.spec = spec
+        entropy_grad = call.return_entropy or spec.has_entropy_term
+        per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype))
+        ctx.call = call
         ctx.ordinary = False
-        if tp is None:
-            every_label = check_labels_in_range(labels_flat, logits.shape[-1], ignore_index)  # CPU tensors only
-            if (every_label and backend is torch_backend and not (entropy_grad or with_stats or inplace_backward)
-                    and torch_backend.takes_ordinary(logits3d)):
-                ordinary = torch_backend.ordinary_forward(logits3d[0], labels_flat, *per_token[:3], spec)
+        if call.tp is None:
+            every_label = check_labels_in_range(labels_flat, logits.shape[-1], call.ignore_index)  # CPU only
+            if (every_label and call.backend is torch_backend and torch_backend.takes_ordinary(logits3d)
+                    and not (entropy_grad or call.with_stats or call.inplace_backward)):
+                ordinary = torch_backend.ordinary_forward(logits3d[0], labels_flat, *per_token, spec)
                 if ordinary is not None:  # no row needs the row table, masks or chunks
                     loss, alpha, log_s = ordinary
                     ctx.save_for_backward(logits, labels_flat, alpha, log_s, weights)
                     ctx.ordinary = True
-                    reduced = loss.reshape(labels.shape) if weights is None else (loss * weights).sum()
-                    empty = loss.new_zeros(0)
-                    ctx.mark_non_differentiable(empty)
-                    return reduced, empty, empty
-            rows, stats = backend.forward_rows(logits3d, labels_flat, *per_token)
+                    return reduce_loss(loss, weights, labels.shape)
+            rows, stats = call.backend.forward_rows(logits3d, labels_flat, *per_token, spec, call.ignore_index,
+                                                    entropy_grad or call.with_stats, call.with_stats)
         else:  # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
-            rows, stats = tensor_parallel.forward_rows(backend, tp, logits3d, labels_flat, *per_token)
+            rows, stats = tensor_parallel.forward_rows(call.backend, call.tp, logits3d, labels_flat, *per_token, spec,
+                                                       call.ignore_index, entropy_grad or call.with_stats,
+                                                       call.with_stats)
         ctx.save_for_backward(logits, labels_flat, rows, weights)
-        ctx.inplace_backward = inplace_backward
-        ctx.backend = backend
         ctx.entropy_grad = entropy_grad
         ctx.gradient_written = False
-        ctx.vocab_start = 0 if tp is None else tp[1]
-        return reduce_rows(ctx, rows, weights, labels.shape, stats, return_entropy)
+        if not (call.return_entropy or call.with_stats):
+            return reduce_loss(rows[:, ROW["loss"]], weights, labels.shape)
+        return reduce_rows(ctx, rows, weights, labels.shape, stats, call.return_entropy)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_entropy, grad_stats):
+    def backward(ctx, grad_loss, grad_entropy=None, grad_stats=None):
         refuse_double_backward()
-        n_others = LossFunction.forward.__code__.co_argcount - 2  # the inputs after ctx and logits
+        call = ctx.call
+        inv_temp = 1.0 / call.spec.temperature
         if ctx.ordinary:
             logits, labels_flat, alpha, log_s, weights = ctx.saved_tensors
             upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
-            coef = loss_coefficient(alpha, upstream, 1.0 / ctx.spec.temperature)
-            grad = torch_backend.ordinary_backward(as_rows3d(logits)[0], labels_flat, coef, log_s,
-                                                   1.0 / ctx.spec.temperature)
-            return (grad.view(logits.shape),) + (None,) * n_others
-        if ctx.inplace_backward and ctx.gradient_written:
+            coef = loss_coefficient(alpha, upstream, inv_temp)
+            grad = torch_backend.ordinary_backward(as_rows3d(logits)[0], labels_flat, coef, log_s, inv_temp)
+            return grad.view(logits.shape), None, None, None, None, None, None
+        if call.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")
         logits, labels_flat, rows, weights = ctx.saved_tensors
-        coef, ent_coef = row_coefficients(ctx.spec, rows, weights, grad_loss, grad_entropy, ctx.entropy_grad)
+        coef, ent_coef = row_coefficients(call.spec, rows, weights, grad_loss, grad_entropy, ctx.entropy_grad)
         logits3d = as_rows3d(logits)
-        if ctx.inplace_backward:
+        if call.inplace_backward:
             grad3d = logits3d  # the gradient overwrites the logits' storage
         else:
             grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-        ctx.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, ctx.spec, ctx.vocab_start)
-        if ctx.inplace_backward:
+        vocab_start = 0 if call.tp is None else call.tp[1]
+        call.backend.backward_rows(logits3d, labels_flat, coef, ent_coef, rows, grad3d, call.spec, vocab_start)
+        if call.inplace_backward:
             ctx.gradient_written = True
             # Anything else that saved these logits now fails its version check instead of
             # silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        return (grad3d.view(logits.shape),) + (None,) * n_others
+        return grad3d.view(logits.shape), None, None, None, None, None, None

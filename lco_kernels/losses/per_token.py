@@ -67,7 +67,7 @@ import torch
 from .. import ops, tensor_parallel
 from .._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
 from .._validation import check_logits_labels, check_no_self_overlap, check_options
-from ..autograd import LossFunction
+from ..autograd import Call, LossFunction
 from ..registry import EPSILON, RHO_NEG, RHO_POS
 from ..stats import TokenStats
 
@@ -105,9 +105,10 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # eager (ops.runs_eagerly), or a vocabulary shard: the same forward and gradient as an autograd Function
-        loss, entropy, stats = LossFunction.apply(
-            logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights, spec,
-            int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
+        call = Call(spec, int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
+        out = LossFunction.apply(logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs,
+                                 tokens.weights, call)
+        loss, entropy, stats = out if return_entropy or return_stats else (out, None, None)
     if mesh is not None:
         loss, entropy = (tensor_parallel.wrap_replicated(x, mesh) for x in (loss, entropy))
     extra = ()
