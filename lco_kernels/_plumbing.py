@@ -19,7 +19,14 @@ def triton_runs_on_cpu() -> bool:
 
 
 def resolve_backend(backend, device, dtype):
-    """The backend module for ``backend`` ("auto" | "triton" | "torch") and logits of this device and dtype."""
+    """The backend module for ``backend`` ("auto" | "triton" | "torch") and logits of this device and dtype
+    (resolved once per combination: the answer is fixed once triton is imported)."""
+    if torch.compiler.is_compiling():  # Dynamo would trace through the cache and warn
+        return _resolve_backend(backend, device, dtype)
+    return _cached_backend(backend, device, dtype)
+
+
+def _resolve_backend(backend, device, dtype):
     triton_ok = device.type == "cuda" or (device.type == "cpu" and triton_runs_on_cpu())
     if backend == "auto":
         backend = "triton" if triton_ok and dtype in TRITON_DTYPES else "torch"
@@ -30,6 +37,9 @@ def resolve_backend(backend, device, dtype):
         raise ValueError(f"backend='triton' needs CUDA tensors (the inputs are on {device}), or "
                          "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
     return triton_backend
+
+
+_cached_backend = functools.lru_cache(maxsize=64)(_resolve_backend)  # a refused combination raises every time
 
 
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossSpec)}

@@ -1,5 +1,6 @@
 """Checks on the public arguments (SPEC §2 "Bad input"): each error names the argument and is raised
 before any work is done."""
+import functools
 import math
 import numbers
 
@@ -44,7 +45,18 @@ def _count(name, value, device):
 
 def check_options(*, ignore_index, reduction, backend, return_stats, max_length, temperature=1.0, entropy_coef=0.0,
                   inplace_backward=False, token_count=None, seq_count=None, device=None):
-    """The options every loss shares."""
+    """The options every loss shares; without global normalisers, checked once per distinct combination."""
+    options = (ignore_index, reduction, backend, return_stats, max_length, temperature, entropy_coef, inplace_backward)
+    if token_count is None and seq_count is None and not torch.compiler.is_compiling():  # Dynamo would warn
+        try:
+            return _checked_options(*options)
+        except TypeError:  # an unhashable option: the full check names it
+            pass
+    _check_options(*options, token_count, seq_count, device)
+
+
+def _check_options(ignore_index, reduction, backend, return_stats, max_length, temperature, entropy_coef,
+                   inplace_backward, token_count=None, seq_count=None, device=None):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not _INT64[0] <= ignore_index <= _INT64[1]:
@@ -71,6 +83,10 @@ def check_options(*, ignore_index, reduction, backend, return_stats, max_length,
         raise ValueError(f"token_count is the normaliser of reduction='mean'; got reduction={reduction!r}")
     if seq_count is not None and not reduction.startswith("seq-"):
         raise ValueError(f"seq_count is the normaliser of the 'seq-*' reductions; got reduction={reduction!r}")
+
+
+# typed: True and 1, 1 and 1.0 are different options (a bool where a number belongs is refused)
+_checked_options = functools.lru_cache(maxsize=256, typed=True)(_check_options)
 
 
 def check_rho(rho_pos, rho_neg):
