@@ -109,9 +109,9 @@ def test_bf16_and_loss_mask(name, fn, kind, extra, backend, device):
     assert bool((grad[~mask] == 0).all())
 
 
-@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+@pytest.mark.parametrize("entropy_coef,temperature", [(0.0, 1.0), (0.01, 1.0), (0.0, 0.7)])
 @pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entropy_coef, monkeypatch):
+def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entropy_coef, temperature, monkeypatch):
     """On CPU tensors the PyTorch backend leaves its row masks out (padding and labels outside the shard,
     NaN rows, rows with no other option) when no row of the call needs one; without the entropy it then
     takes its one-pass forward and backward (torch_backend.ordinary_forward: no row table either). Each
@@ -132,14 +132,15 @@ def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entro
     for z, y, a, o, r in ((logits, labels, adv, old, ref), padded):
         x = z.clone().requires_grad_(True)
         loss = call(fn, name, kind, extra, x, y, a, o, r, reduction="none", backend="torch",
-                    entropy_coef=entropy_coef)
+                    entropy_coef=entropy_coef, temperature=temperature)
         (grad,) = torch.autograd.grad(loss.sum(), x)
         results.append((loss[:6].detach(), grad[:6]))
     assert fast == [True], fast  # the ordinary call checked its rows and left the masks out; the padded one did not
     assert [r is not None for r in one_pass] == ([] if entropy_coef else [True])
     for got, want, what in zip(*results, ("loss", "gradient")):
         assert torch.equal(got, want), what
-    ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "none", entropy_coef=entropy_coef)
+    ref_loss, ref_grad = reference_for(kind, extra, logits, labels, adv, old, ref, "none", entropy_coef=entropy_coef,
+                                       temperature=temperature)
     scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
     assert_loss_close(results[0][0], ref_loss, scale)
     assert_grad_close(results[0][1], ref_grad, scale, torch.float32)
