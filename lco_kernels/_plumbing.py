@@ -157,5 +157,5 @@ def flat(t, dtype):
     """A per-token tensor as one contiguous row vector of ``dtype`` (None stays None)."""
     if t is None:
         return None
-    t = t.reshape(-1)
+    t = t if t.dim() == 1 else t.reshape(-1)
     return (t if t.dtype == dtype else t.to(dtype)).contiguous()

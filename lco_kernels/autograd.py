@@ -110,7 +110,6 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, call):
         spec = call.spec
-        logits3d = as_rows3d(logits)
         dtype = compute_dtype(logits.dtype)
         labels_flat = flat(labels, torch.int64)
         entropy_grad = call.return_entropy or spec.has_entropy_term
@@ -119,14 +118,18 @@ class LossFunction(torch.autograd.Function):
         ctx.ordinary = False
         if call.tp is None:
             every_label = check_labels_in_range(labels_flat, logits.shape[-1], call.ignore_index)  # CPU only
-            if (every_label and call.backend is torch_backend and torch_backend.takes_ordinary(logits3d)
-                    and not (entropy_grad or call.with_stats or call.inplace_backward)):
-                ordinary = torch_backend.ordinary_forward(logits3d[0], labels_flat, *per_token, spec)
-                if ordinary is not None:  # no row needs the row table, masks or chunks
-                    loss, alpha, log_s = ordinary
-                    ctx.save_for_backward(logits, labels_flat, alpha, log_s, weights)
-                    ctx.ordinary = True
-                    return reduce_loss(loss, weights, labels.shape)
+            logits2d = (torch_backend.ordinary_view(logits) if every_label and call.backend is torch_backend
+                        and not (entropy_grad or call.with_stats or call.inplace_backward) else None)
+            ordinary = None if logits2d is None else torch_backend.ordinary_forward(logits2d, labels_flat, *per_token,
+                                                                                    spec)
+            if ordinary is not None:  # no row needs the row table, masks or chunks
+                loss, alpha, log_s = ordinary
+                ctx.save_for_backward(logits2d, labels_flat, alpha, log_s, weights)
+                ctx.ordinary = True
+                ctx.logits_shape = logits.shape
+                return reduce_loss(loss, weights, labels.shape)
+        logits3d = as_rows3d(logits)
+        if call.tp is None:
             rows, stats = call.backend.forward_rows(logits3d, labels_flat, *per_token, spec, call.ignore_index,
                                                     entropy_grad or call.with_stats, call.with_stats)
         else:  # a shard's labels are checked against every shard after the gather (tensor_parallel.check_ownership)
@@ -146,11 +149,13 @@ class LossFunction(torch.autograd.Function):
         call = ctx.call
         inv_temp = 1.0 / call.spec.temperature
         if ctx.ordinary:
-            logits, labels_flat, alpha, log_s, weights = ctx.saved_tensors
+            logits2d, labels_flat, alpha, log_s, weights = ctx.saved_tensors
             upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
             coef = loss_coefficient(alpha, upstream, inv_temp)
-            grad = torch_backend.ordinary_backward(as_rows3d(logits)[0], labels_flat, coef, log_s, inv_temp)
-            return grad.view(logits.shape), None, None, None, None, None, None
+            grad = torch_backend.ordinary_backward(logits2d, labels_flat, coef, log_s, inv_temp)
+            if grad.dim() != len(ctx.logits_shape):
+                grad = grad.view(ctx.logits_shape)
+            return grad, None, None, None, None, None, None
         if call.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")

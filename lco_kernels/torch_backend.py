@@ -288,23 +288,39 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
 # head's loss and α, and the gradient from (α, log s) alone. The values are those of the general path,
 # bit for bit (tests/test_losses.py::test_ordinary_calls_leave_out_the_masks_exactly).
 
-def takes_ordinary(logits3d):
-    """Whether these (B, T, V) logits can take ``ordinary_forward``: CPU, one row stride, one chunk, and the
-    compute dtype already (the gradient is then built in its destination)."""
-    B, T, V = logits3d.shape
-    return (logits3d.device.type == "cpu" and B == 1 and 0 < T * V <= _CHUNK_ELEMENTS
-            and logits3d.dtype == compute_dtype(logits3d.dtype))
+def ordinary_view(logits):
+    """The (N, V) view of (..., V) logits that ``ordinary_forward`` takes, or None where the call cannot take
+    it: CPU, one chunk, the compute dtype already (the gradient is then built in its destination), and a
+    view of the caller's logits (never a copy: the backward reads them again)."""
+    V = logits.shape[-1]
+    if not (logits.device.type == "cpu" and 0 < logits.numel() <= _CHUNK_ELEMENTS
+            and logits.dtype == compute_dtype(logits.dtype) and logits.stride(-1) == 1):
+        return None
+    if logits.dim() == 2:
+        return logits
+    try:
+        return logits.view(-1, V)
+    except RuntimeError:  # rows that no single stride steps through
+        return None
+
+
+def _exp(view, inv_temp):
+    """e^{view / τ} as a new tensor in the compute dtype (``view`` has it)."""
+    if inv_temp == 1.0:
+        return torch.exp(view)
+    e = torch.mul(view, inv_temp)
+    return torch.exp(e, out=e)
 
 
 def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, spec):
     """(loss, alpha, log_s) per row, or None where some row is not ordinary (the caller then takes the
-    general path). ``labels`` must all be columns of ``logits2d``."""
+    general path). ``labels`` must all be columns of ``logits2d``; ``log_s`` is (N, 1), as the backward
+    takes it."""
     lab = labels[:, None]
     inv_temp = 1.0 / spec.temperature
     z_i = logits2d.gather(1, lab).squeeze(1)
     z_i = z_i if inv_temp == 1.0 else z_i * inv_temp
-    e = torch.empty(logits2d.shape, dtype=logits2d.dtype)
-    e = torch.exp(_direct_or_scaled(logits2d, inv_temp, e), out=e)  # the reference m = 0, as _sweep_cpu's
+    e = _exp(logits2d, inv_temp)  # the reference m = 0, as _sweep_cpu's
     e.scatter_(1, lab, 0.0)
     s = e.sum(dim=1)
     lo, hi = s.aminmax()
@@ -312,15 +328,16 @@ def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, s
         return None
     log_s = torch.log(s)
     d = z_i - log_s
-    inputs = [x for x in (advantages, old_logprobs, ref_logprobs) if x is not None]
+    # SFT's Ψ are ones: nothing to check
+    inputs = [x for x in (advantages if spec.info.advantages else None, old_logprobs, ref_logprobs) if x is not None]
     if not torch_heads.finite(d, *inputs):
         return None
     _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec)
-    return loss, alpha, log_s
+    return loss, alpha, log_s[:, None]
 
 
 def ordinary_backward(logits2d, labels, coef, log_s, inv_temp):
     """The gradient coef·p̃ (−coef at the label) of ``ordinary_forward``'s rows, as a new tensor."""
-    g = torch.empty(logits2d.shape, dtype=logits2d.dtype)
-    g = torch.exp(_direct_or_scaled(logits2d, inv_temp, g), out=g).mul_((coef * torch.exp(-log_s))[:, None])
-    return g.scatter_(1, labels[:, None], -coef[:, None])
+    c = coef[:, None]
+    g = _exp(logits2d, inv_temp).mul_(c * torch.exp(-log_s))
+    return g.scatter_(1, labels[:, None], -c)
