@@ -217,7 +217,9 @@ def per_token(name, value, labels, *, allow_number=True, allow_bool=False):
         kind = "a tensor" if not allow_number else "a tensor or a real number"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     value = torch.as_tensor(value, device=labels.device)
-    if value.dim() == 0 or value.shape == labels.shape:  # the common cases, without broadcast_shapes' cost
+    if value.shape == labels.shape:  # the common cases, without broadcast_shapes' cost
+        return value
+    if value.dim() == 0:
         return value.expand(labels.shape)
     try:
         shape = torch.broadcast_shapes(value.shape, labels.shape)

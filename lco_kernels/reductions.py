@@ -52,4 +52,4 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
         else:
             seqs = seqs / (n_seqs * (seqs.shape[-1] if max_length is None else max_length))
         w = seqs.reshape(valid.shape)
-    return w.reshape(-1)
+    return w if w.dim() == 1 else w.reshape(-1)
