@@ -1,13 +1,12 @@
 """Private plumbing shared by the logits-level and fused-linear losses: backend resolution, the
 checked ``LossSpec`` of a call, and the per-token inputs prepared for the sweeps."""
 import dataclasses
-import functools
 
 import torch
 
 from . import torch_backend, triton_backend
 from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_dppo, check_dro, check_kl, check_rho,
-                          check_sapo, flag, per_token, real)
+                          check_sapo, flag, once_per_combination, per_token, real)
 from .reductions import token_weights
 from .registry import DIVERGENCES, EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
 
@@ -21,9 +20,7 @@ def triton_runs_on_cpu() -> bool:
 def resolve_backend(backend, device, dtype):
     """The backend module for ``backend`` ("auto" | "triton" | "torch") and logits of this device and dtype
     (resolved once per combination: the answer is fixed once triton is imported)."""
-    if torch.compiler.is_compiling():  # Dynamo would trace through the cache and warn
-        return _resolve_backend(backend, device, dtype)
-    return _cached_backend(backend, device, dtype)
+    return _resolve_backend_once(backend, device, dtype)
 
 
 def _resolve_backend(backend, device, dtype):
@@ -39,7 +36,7 @@ def _resolve_backend(backend, device, dtype):
     return triton_backend
 
 
-_cached_backend = functools.lru_cache(maxsize=64)(_resolve_backend)  # a refused combination raises every time
+_resolve_backend_once = once_per_combination(_resolve_backend, maxsize=64)
 
 
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossSpec)}
@@ -58,12 +55,7 @@ def loss_spec(name, *, old_logprobs=None, ref_logprobs=None, rho_pos=RHO_POS, rh
     args = (name, old_logprobs is not None, ref_logprobs is not None, rho_pos, rho_neg, epsilon_low, epsilon_high,
             dual_clip, beta, kl_type, entropy_coef, temperature, bias_correction_kl, tau_pos, tau_neg, divergence,
             delta_low, delta_high, clip_ratio_c, dro_beta)
-    if torch.compiler.is_compiling():  # options may be symbolic there
-        return _checked_spec(*args)
-    try:
-        return _cached_spec(*args)
-    except TypeError:  # an unhashable option: the check itself names it (or passes)
-        return _checked_spec(*args)
+    return _checked_spec_once(*args)
 
 
 def _checked_spec(name, given_old, given_ref, rho_pos, rho_neg, epsilon_low, epsilon_high, dual_clip, beta, kl_type,
@@ -113,8 +105,7 @@ def _checked_spec(name, given_old, given_ref, rho_pos, rho_neg, epsilon_low, eps
                     bias_correction_kl=bool(bias_correction_kl) and has_ref, has_old=has_old, has_ref=has_ref)
 
 
-# typed: 1, 1.0 and True are different options (a bool where a number belongs is refused)
-_cached_spec = functools.lru_cache(maxsize=256, typed=True)(_checked_spec)
+_checked_spec_once = once_per_combination(_checked_spec)
 
 
 def _own_fused_linear_form(name):

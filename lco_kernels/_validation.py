@@ -43,16 +43,32 @@ def _count(name, value, device):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def once_per_combination(check, maxsize=256):
+    """``check`` run once per distinct tuple of arguments, its result kept (an error is never kept: a refused
+    combination raises every time). Typed: 1, 1.0 and True are different arguments (a bool where a number
+    belongs is refused). Every call runs ``check`` under torch.compile (Dynamo would trace through the cache
+    and warn; arguments may be symbolic there) and for unhashable arguments."""
+    cached = functools.lru_cache(maxsize=maxsize, typed=True)(check)
+
+    @functools.wraps(check)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return check(*args)
+        try:
+            return cached(*args)
+        except TypeError:  # an unhashable argument, or the check's own TypeError, which it raises again
+            return check(*args)
+    return run
+
+
 def check_options(*, ignore_index, reduction, backend, return_stats, max_length, temperature=1.0, entropy_coef=0.0,
                   inplace_backward=False, token_count=None, seq_count=None, device=None):
     """The options every loss shares; without global normalisers, checked once per distinct combination."""
     options = (ignore_index, reduction, backend, return_stats, max_length, temperature, entropy_coef, inplace_backward)
-    if token_count is None and seq_count is None and not torch.compiler.is_compiling():  # Dynamo would warn
-        try:
-            return _checked_options(*options)
-        except TypeError:  # an unhashable option: the full check names it
-            pass
-    _check_options(*options, token_count, seq_count, device)
+    if token_count is None and seq_count is None:
+        _checked_options(*options)
+    else:
+        _check_options(*options, token_count, seq_count, device)
 
 
 def _check_options(ignore_index, reduction, backend, return_stats, max_length, temperature, entropy_coef,
@@ -85,8 +101,7 @@ def _check_options(ignore_index, reduction, backend, return_stats, max_length, t
         raise ValueError(f"seq_count is the normaliser of the 'seq-*' reductions; got reduction={reduction!r}")
 
 
-# typed: True and 1, 1 and 1.0 are different options (a bool where a number belongs is refused)
-_checked_options = functools.lru_cache(maxsize=256, typed=True)(_check_options)
+_checked_options = once_per_combination(_check_options)
 
 
 def check_rho(rho_pos, rho_neg):
@@ -238,16 +253,25 @@ def label_check_reads_device(labels):
     return labels.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def every_label_a_column(labels, V, ignore_index, first=0):
+    """True when every label lies in [first, first + V) and none can be ``ignore_index`` (None: padding is not
+    asked about), from one reduction read on the host; False where it is not so, and for labels off the CPU
+    (there the read would be a sync)."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return False
+    lo, hi = labels.aminmax()
+    lo, hi = int(lo) - first, int(hi) - first
+    return 0 <= lo and hi < V and not (ignore_index is not None and lo <= ignore_index - first <= hi)
+
+
 def check_labels_in_range(labels, V, ignore_index):
     """Called inside the forward ops (ops.py) on the tensors they run on, so compiled CPU code raises as
     eager code does (there torch.compile is no longer tracing), and inside the fused-linear Function.
     Returns True when it read that every label is a column and none can be ``ignore_index`` (no padding)."""
     if not label_check_reads_device(labels) or labels.numel() == 0:
         return False
-    lo, hi = labels.aminmax()
-    lo, hi = int(lo), int(hi)
-    if 0 <= lo and hi < V:  # one op for the common case: every label a column
-        return not lo <= ignore_index <= hi
+    if every_label_a_column(labels, V, ignore_index):  # one op for the common case
+        return True
     lo, hi = labels.masked_fill(labels == ignore_index, 0).aminmax()  # three ops where a mask of each rule takes six
     if int(lo) < 0 or int(hi) >= V:  # a label out of range (or V = 0): find it
         bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)

@@ -7,8 +7,9 @@ never N×V. Computation is in fp32, or fp64 for fp64 logits (used by gradcheck).
 """
 import torch
 
-from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT_ROWS
 from . import torch_heads
+from ._validation import every_label_a_column
+from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT_ROWS
 from .torch_heads import row_head
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk of rows
@@ -136,25 +137,13 @@ def _label_columns(labels, vocab_start, V):
     return (local >= 0) & (local < V), local.clamp(0, max(V - 1, 0))[:, None]
 
 
-def _every_label_owned(labels, vocab_start, V, ignore_index=None):
-    """True when every label is a column of this shard (and none is ``ignore_index``), read on the CPU
-    with one reduction; False where that would be a host sync (other devices) or is not the case. Such
-    calls need no ownership or padding masks: ``owned`` is None and the labels are the columns."""
-    if labels.device.type != "cpu" or labels.numel() == 0:
-        return False
-    lo, hi = labels.aminmax()
-    lo, hi = int(lo) - vocab_start, int(hi) - vocab_start
-    ignored = ignore_index is not None and lo <= ignore_index - vocab_start <= hi
-    return lo >= 0 and hi < V and not ignored
-
-
 def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_start):
     """The raw sweep quantities of a vocabulary shard as (N,) columns named as stats.PARTIALS (``owned``
     bool, or None where every row owns its label; u and q None without the entropy; m None where it is
     0 for every row)."""
     B, T, V = logits3d.shape
     cdt = compute_dtype(logits3d.dtype)
-    if _every_label_owned(labels, vocab_start, V, ignore_index):
+    if every_label_a_column(labels, V, ignore_index, vocab_start):
         owned, idx = None, (labels - vocab_start if vocab_start else labels).unsqueeze(1)
     else:
         owned, idx = _label_columns(labels, vocab_start, V)
@@ -236,7 +225,7 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
     """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
     cpu = logits3d.device.type == "cpu"
-    if _every_label_owned(labels, vocab_start, V):
+    if every_label_a_column(labels, V, None, vocab_start):
         owned, idx = None, (labels - vocab_start if vocab_start else labels).unsqueeze(1)
     else:
         owned, idx = _label_columns(labels, vocab_start, V)
