@@ -140,7 +140,7 @@ def check_sapo(tau_pos, tau_neg):
 
 
 def check_dppo(divergence, delta_low, delta_high, clip_ratio_c):
-    if divergence not in DIVERGENCES:
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     for name, value in (("delta_low", delta_low), ("delta_high", delta_high)):
         real(name, value)
@@ -157,7 +157,7 @@ def check_kl(beta, kl_type):
     real("beta", beta)
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if kl_type not in KL_NAMES:
+    if not isinstance(kl_type, str) or kl_type not in KL_NAMES:
         raise ValueError(f"kl_type must be one of {tuple(KL_NAMES)}, got {kl_type!r}")
 
 
