@@ -5,9 +5,9 @@ import dataclasses
 import torch
 
 from . import torch_backend, triton_backend
-from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_dppo, check_dro, check_kl, check_rho,
-                          check_sapo, flag, once_per_combination, per_token, real)
-from .reductions import token_weights
+from ._validation import (TRITON_DTYPES, check_backend_dtype, check_clip, check_dppo, check_dro, check_kl,
+                          check_labels_in_range, check_rho, check_sapo, flag, once_per_combination, per_token, real)
+from .reductions import token_weights, uniform_weight
 from .registry import DIVERGENCES, EPSILON, KL_NAMES, LOSSES, RHO_NEG, RHO_POS, LossSpec
 
 
@@ -121,27 +121,41 @@ def _own_fused_linear_form(name):
 @dataclasses.dataclass
 class Tokens:
     """Per-token inputs of a call, in labels' shape: the loss mask folded into the labels (masked
-    tokens become ``ignore_index``) and the reduction's per-token weights (None for "none")."""
+    tokens become ``ignore_index``), the advantages (None for SFT, where Ψ plays no part) and the
+    reduction's per-token weights (None for "none"; a Python float where every token has the same one,
+    see ``prepare_tokens``). ``every_label``: the labels were checked against the vocabulary and every
+    one is a column, none padding."""
     labels: torch.Tensor
-    advantages: torch.Tensor
+    advantages: torch.Tensor | None
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
-    weights: torch.Tensor | None
+    weights: torch.Tensor | float | None
+    every_label: bool = False
+
+    def advantages_or_ones(self):
+        """The advantages as the kernels read them: SFT's as ones."""
+        return self.advantages if self.advantages is not None else torch.ones(self.labels.shape,
+                                                                              device=self.labels.device)
 
 
 def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
-                   loss_mask, max_length, token_count, seq_count) -> Tokens:
-    if spec.info.advantages:
-        advantages = per_token("advantages", advantages, labels)
-    else:  # SFT: Ψ plays no part (and counts as positive for "sign-mean")
-        advantages = torch.ones(labels.shape, device=labels.device)
+                   loss_mask, max_length, token_count, seq_count, vocab_size=None) -> Tokens:
+    """``vocab_size`` (the whole vocabulary's, for an eager call): the labels are checked against it here
+    (``check_labels_in_range``: CPU tensors only), and where every label is a column and none is padding,
+    "sum" and "mean" weigh every token by one number (``reductions.uniform_weight``) instead of a tensor."""
+    # SFT: Ψ plays no part (and counts as positive for "sign-mean")
+    advantages = per_token("advantages", advantages, labels) if spec.info.advantages else None
     old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False) if spec.has_old else None
     ref_logprobs = per_token("ref_logprobs", ref_logprobs, labels, allow_number=False) if spec.has_ref else None
     if loss_mask is not None:
         mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
         labels = labels.masked_fill(mask == 0, ignore_index)
-    weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)
-    return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights)
+    every_label = vocab_size is not None and check_labels_in_range(flat(labels, torch.int64), vocab_size,
+                                                                   ignore_index)
+    weights = uniform_weight(reduction, labels.numel(), token_count) if every_label else None
+    if weights is None:
+        weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)
+    return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights, every_label)
 
 
 def flat(t, dtype):

@@ -14,7 +14,6 @@ import torch
 
 from . import tensor_parallel, torch_backend
 from ._plumbing import flat
-from ._validation import check_labels_in_range
 from .registry import LossSpec
 from .stats import ROW
 from .torch_backend import compute_dtype
@@ -77,6 +76,19 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
     return coef, ent_coef
 
 
+def save(ctx, weights, *tensors):
+    """save_for_backward(*tensors) and the reduction's ``weights``: a tensor, None, or a Python float (one
+    weight for every token, kept on ``ctx``)."""
+    ctx.weight = weights if isinstance(weights, float) else None
+    ctx.save_for_backward(*tensors, None if ctx.weight is not None else weights)
+
+
+def saved(ctx):
+    """(weights, tensors) as ``save`` kept them."""
+    *tensors, weights = ctx.saved_tensors
+    return (weights if ctx.weight is None else ctx.weight), tensors
+
+
 def refuse_double_backward():
     """Grad mode is on inside a backward only under create_graph=True: a graph of our gradient would
     miss its second-order term (a Hessian-vector product would silently drop H·v), so refuse."""
@@ -94,6 +106,7 @@ class Call(typing.NamedTuple):
     with_stats: bool
     return_entropy: bool
     tp: tuple | None           # (process group, first column) of a vocabulary shard
+    every_label: bool          # the caller checked the labels: every one is a column, none padding
 
 
 class LossFunction(torch.autograd.Function):
@@ -116,19 +129,20 @@ class LossFunction(torch.autograd.Function):
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype))
         ctx.call = call
         ctx.ordinary = False
-        if call.tp is None:
-            every_label = check_labels_in_range(labels_flat, logits.shape[-1], call.ignore_index)  # CPU only
-            logits2d = (torch_backend.ordinary_view(logits) if every_label and call.backend is torch_backend
-                        and not (entropy_grad or call.with_stats or call.inplace_backward) else None)
+        if call.every_label and call.tp is None and call.backend is torch_backend and not (
+                entropy_grad or call.with_stats or call.inplace_backward):
+            logits2d = torch_backend.ordinary_view(logits)
             ordinary = None if logits2d is None else torch_backend.ordinary_forward(logits2d, labels_flat, *per_token,
                                                                                     spec)
             if ordinary is not None:  # no row needs the row table, masks or chunks
-                loss, alpha, log_s = ordinary
-                ctx.save_for_backward(logits2d, labels_flat, alpha, log_s, weights)
+                loss, alpha, state = ordinary
+                save(ctx, weights, logits2d, alpha, *state)
                 ctx.ordinary = True
                 ctx.logits_shape = logits.shape
                 return reduce_loss(loss, weights, labels.shape)
         logits3d = as_rows3d(logits)
+        if per_token[0] is None:  # SFT's advantages: the kernels read Ψ, which plays no part
+            per_token = (torch.ones(labels_flat.shape, dtype=dtype, device=logits.device),) + per_token[1:]
         if call.tp is None:
             rows, stats = call.backend.forward_rows(logits3d, labels_flat, *per_token, spec, call.ignore_index,
                                                     entropy_grad or call.with_stats, call.with_stats)
@@ -136,7 +150,7 @@ class LossFunction(torch.autograd.Function):
             rows, stats = tensor_parallel.forward_rows(call.backend, call.tp, logits3d, labels_flat, *per_token, spec,
                                                        call.ignore_index, entropy_grad or call.with_stats,
                                                        call.with_stats)
-        ctx.save_for_backward(logits, labels_flat, rows, weights)
+        save(ctx, weights, logits, labels_flat, rows)
         ctx.entropy_grad = entropy_grad
         ctx.gradient_written = False
         if not (call.return_entropy or call.with_stats):
@@ -149,17 +163,17 @@ class LossFunction(torch.autograd.Function):
         call = ctx.call
         inv_temp = 1.0 / call.spec.temperature
         if ctx.ordinary:
-            logits2d, labels_flat, alpha, log_s, weights = ctx.saved_tensors
+            weights, (logits2d, alpha, *state) = saved(ctx)
             upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
             coef = loss_coefficient(alpha, upstream, inv_temp)
-            grad = torch_backend.ordinary_backward(logits2d, labels_flat, coef, log_s, inv_temp)
+            grad = torch_backend.ordinary_backward(logits2d, coef, state, inv_temp)
             if grad.dim() != len(ctx.logits_shape):
                 grad = grad.view(ctx.logits_shape)
             return grad, None, None, None, None, None, None
         if call.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")
-        logits, labels_flat, rows, weights = ctx.saved_tensors
+        weights, (logits, labels_flat, rows) = saved(ctx)
         coef, ent_coef = row_coefficients(call.spec, rows, weights, grad_loss, grad_entropy, ctx.entropy_grad)
         logits3d = as_rows3d(logits)
         if call.inplace_backward:

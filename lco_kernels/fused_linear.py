@@ -550,7 +550,8 @@ def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_d
         if tp is not None:  # uneven shards may choose differently: every rank must run the same chunks
             chunk_size = tensor_parallel.agree_on_min(chunk_size, tp[0], hidden.device)
     labels = flat(tokens.labels, torch.int64)
-    per_token = tuple(flat(t, torch.float32) for t in (tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs))
+    per_token = tuple(flat(t, torch.float32) for t in (tokens.advantages_or_ones(), tokens.old_logprobs,
+                                                        tokens.ref_logprobs))
     if tp is not None:
         loss, entropy, stats = ShardedFusedLinear.apply(hidden, weight, bias, labels, *per_token, tokens.weights, spec,
                                                         int(ignore_index), int(chunk_size), accum_dtype, impl,

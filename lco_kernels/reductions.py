@@ -7,6 +7,8 @@ aggregation. Counts may be given for the whole optimizer step (gradient accumula
 parallelism): ``token_count`` for "mean", ``seq_count`` for the "seq-*" modes; they stay tensors,
 so nothing here synchronises with the device.
 """
+import array
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
@@ -28,7 +30,8 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
     - "seq-mean-token-sum": 1 / seq_count;
     - "seq-mean-token-sum-norm" (Dr. GRPO): 1 / (seq_count · max_length), as verl 0.9.1 and Liger
       (max_length default: the sequences' length, the last dimension of ``valid``);
-    - "sign-mean": mean over tokens with Ψ > 0 plus mean over tokens with Ψ < 0 (local counts only).
+    - "sign-mean": mean over tokens with Ψ > 0 plus mean over tokens with Ψ < 0 (local counts only;
+      ``advantages`` None, as SFT's: every token counts as positive).
     """
     reduction = canonical(reduction)
     if reduction == "none":
@@ -39,9 +42,12 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
     elif reduction == "mean":
         w = w / (w.sum().clamp(min=1) if token_count is None else token_count)
     elif reduction == "sign-mean":
-        pos = w * (advantages > 0)
-        neg = w * (advantages < 0)
-        w = pos / pos.sum().clamp(min=1) + neg / neg.sum().clamp(min=1)
+        if advantages is None:
+            w = w / w.sum().clamp(min=1)
+        else:
+            pos = w * (advantages > 0)
+            neg = w * (advantages < 0)
+            w = pos / pos.sum().clamp(min=1) + neg / neg.sum().clamp(min=1)
     else:
         seqs = w.reshape(-1, w.shape[-1] if w.dim() else 1)
         n_seqs = max(seqs.shape[0], 1) if seq_count is None else seq_count
@@ -53,3 +59,16 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
             seqs = seqs / (n_seqs * (seqs.shape[-1] if max_length is None else max_length))
         w = seqs.reshape(valid.shape)
     return w if w.dim() == 1 else w.reshape(-1)
+
+
+def uniform_weight(reduction, n, token_count=None):
+    """The weight ``token_weights`` gives each of ``n`` tokens when every one is valid, as a Python float, where
+    it is one number known on the host: "sum" 1, "mean" 1 / n (without a global ``token_count``); else None.
+    Rounded to float32 as the weights tensor is, so the products are those of ``token_weights``, bit for bit
+    (1 / n in float64, then float32: twice rounding a quotient is exact for 53 ≥ 2·24 + 2 bits)."""
+    reduction = canonical(reduction)
+    if reduction == "sum":
+        return 1.0
+    if reduction == "mean" and token_count is None and n > 0:
+        return array.array("f", (1.0 / n,))[0]
+    return None

@@ -302,9 +302,9 @@ def _exp(view, inv_temp):
 
 
 def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, spec):
-    """(loss, alpha, log_s) per row, or None where some row is not ordinary (the caller then takes the
-    general path). ``labels`` must all be columns of ``logits2d``; ``log_s`` is (N, 1), as the backward
-    takes it."""
+    """(loss, alpha, state) per row, or None where some row is not ordinary (the caller then takes the
+    general path). ``labels`` must all be columns of ``logits2d``; ``state`` (the labels and log s as (N, 1)
+    columns) is what ``ordinary_backward`` takes besides the logits."""
     lab = labels[:, None]
     inv_temp = 1.0 / spec.temperature
     z_i = logits2d.gather(1, lab).squeeze(1)
@@ -312,21 +312,23 @@ def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, s
     e = _exp(logits2d, inv_temp)  # the reference m = 0, as _sweep_cpu's
     e.scatter_(1, lab, 0.0)
     s = e.sum(dim=1)
-    lo, hi = s.aminmax()
+    # one host read for both conditions: s + 0·(z_i + the per-token inputs) is s where those are finite, NaN
+    # where one is not (0·±inf is NaN); SFT's Ψ are ones, nothing to check
+    probe = z_i
+    for x in (advantages if spec.info.advantages else None, old_logprobs, ref_logprobs):
+        probe = probe if x is None else probe + x
+    lo, hi = torch.add(s, probe, alpha=0.0).aminmax()
     if not (float(lo) >= _TINY and float(hi) <= _HUGE):  # NaN fails both
         return None
     log_s = torch.log(s)
-    d = z_i - log_s
-    # SFT's Ψ are ones: nothing to check
-    inputs = [x for x in (advantages if spec.info.advantages else None, old_logprobs, ref_logprobs) if x is not None]
-    if not torch_heads.finite(d, *inputs):
-        return None
-    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec)
-    return loss, alpha, log_s[:, None]
+    d = z_i - log_s  # finite: z_i is, and log s lies in [log _TINY, log _HUGE]
+    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec, False)
+    return loss, alpha, (lab, log_s[:, None])
 
 
-def ordinary_backward(logits2d, labels, coef, log_s, inv_temp):
+def ordinary_backward(logits2d, coef, state, inv_temp):
     """The gradient coef·p̃ (−coef at the label) of ``ordinary_forward``'s rows, as a new tensor."""
+    lab, log_s = state
     c = coef[:, None]
     g = _exp(logits2d, inv_temp).mul_(c * torch.exp(-log_s))
-    return g.scatter_(1, labels[:, None], -c)
+    return g.scatter_(1, lab, -c)

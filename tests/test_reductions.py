@@ -1,0 +1,41 @@
+"""reductions.py: the per-token weights, and the one number that replaces them where every token is valid."""
+import pytest
+import torch
+
+from lco_kernels.reductions import REDUCTIONS, token_weights, uniform_weight
+
+COUNTS = list(range(1, 300)) + [1000, 4097, 12345, 99991, 2 ** 20 + 3]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "token-mean", "sum"])
+def test_uniform_weight_is_token_weights_bit_for_bit(reduction):
+    """The float weight is the float32 weight ``token_weights`` gives every token of an unpadded call, so the
+    reduced loss and every gradient coefficient are the same products, bit for bit, in float32 and float64."""
+    g = torch.Generator().manual_seed(0)
+    for n in COUNTS:
+        weights = token_weights(torch.ones(n, dtype=torch.bool), None, reduction)
+        weight = uniform_weight(reduction, n)
+        assert isinstance(weight, float)
+        assert torch.equal(weights, torch.full((n,), weight)), n
+        if n <= 4097:
+            for dtype in (torch.float32, torch.float64):
+                loss = torch.rand(n, generator=g, dtype=dtype) * 10
+                assert torch.equal((loss * weight).sum(), (loss * weights).sum()), (n, dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uniform_weight_only_where_one_number_is_known(reduction):
+    """Per-sequence and sign-dependent weights, "none", and a global token count (a tensor, never read on the
+    host) keep the per-token weights."""
+    expected = {"sum": 1.0, "mean": 1.0 / 8}.get(reduction)
+    assert uniform_weight(reduction, 8) == expected
+    assert uniform_weight(reduction, 8, token_count=torch.tensor(16.0)) == (1.0 if reduction == "sum" else None)
+    assert uniform_weight(reduction, 0) == (1.0 if reduction == "sum" else None)
+
+
+def test_sign_mean_without_advantages_counts_every_token_positive():
+    """SFT passes no advantages: "sign-mean" is then the mean over valid tokens."""
+    valid = torch.tensor([True, False, True, True])
+    ones = torch.ones(4)
+    assert torch.equal(token_weights(valid, None, "sign-mean"), token_weights(valid, ones, "sign-mean"))
+    assert torch.equal(token_weights(valid, None, "sign-mean"), token_weights(valid, None, "mean"))
