@@ -231,7 +231,8 @@ def per_token(name, value, labels, *, allow_number=True, allow_bool=False):
     elif not allow_number or isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a tensor" if not allow_number else "a tensor or a real number"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    value = torch.as_tensor(value, device=labels.device)
+    else:
+        value = torch.as_tensor(value, device=labels.device)
     if value.shape == labels.shape:  # the common cases, without broadcast_shapes' cost
         return value
     if value.dim() == 0:
