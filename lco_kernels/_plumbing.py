@@ -139,10 +139,11 @@ class Tokens:
 
 
 def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,
-                   loss_mask, max_length, token_count, seq_count, vocab_size=None) -> Tokens:
-    """``vocab_size`` (the whole vocabulary's, for an eager call): the labels are checked against it here
-    (``check_labels_in_range``: CPU tensors only), and where every label is a column and none is padding,
-    "sum" and "mean" weigh every token by one number (``reductions.uniform_weight``) instead of a tensor."""
+                   loss_mask, max_length, token_count, seq_count, vocab_size=None, dtype=torch.float32) -> Tokens:
+    """The weights have ``dtype`` (the loss's compute dtype: float64 keeps float64 weights). ``vocab_size`` (the
+    whole vocabulary's, for an eager call): the labels are checked against it here (``check_labels_in_range``:
+    CPU tensors only), and where every label is a column and none is padding, "sum" and "mean" weigh every
+    token by one number (``reductions.uniform_weight``) instead of a tensor."""
     # SFT: Ψ plays no part (and counts as positive for "sign-mean")
     advantages = per_token("advantages", advantages, labels) if spec.info.advantages else None
     old_logprobs = per_token("old_logprobs", old_logprobs, labels, allow_number=False) if spec.has_old else None
@@ -150,11 +151,11 @@ def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, igno
     if loss_mask is not None:
         mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
         labels = labels.masked_fill(mask == 0, ignore_index)
-    every_label = vocab_size is not None and check_labels_in_range(flat(labels, torch.int64), vocab_size,
-                                                                   ignore_index)
-    weights = uniform_weight(reduction, labels.numel(), token_count) if every_label else None
+    every_label = vocab_size is not None and check_labels_in_range(labels, vocab_size, ignore_index)
+    weights = uniform_weight(reduction, labels.numel(), token_count, dtype) if every_label else None
     if weights is None:
-        weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count)
+        weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count,
+                                dtype)
     return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights, every_label)
 
 

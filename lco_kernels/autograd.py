@@ -78,7 +78,7 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
 
 def save(ctx, weights, *tensors):
     """save_for_backward(*tensors) and the reduction's ``weights``: a tensor, None, or a Python float (one
-    weight for every token, kept on ``ctx``)."""
+    weight for every token), which is kept on ``ctx`` (``ctx.weight`` None: a tensor or None, saved last)."""
     ctx.weight = weights if isinstance(weights, float) else None
     ctx.save_for_backward(*tensors, None if ctx.weight is not None else weights)
 

@@ -21,8 +21,9 @@ def canonical(reduction):
     return ALIASES.get(reduction, reduction)
 
 
-def token_weights(valid, advantages, reduction, max_length=None, token_count=None, seq_count=None):
-    """(N,) weights for ``valid`` (labels-shaped bool: not ignored, not masked); None for "none".
+def token_weights(valid, advantages, reduction, max_length=None, token_count=None, seq_count=None,
+                  dtype=torch.float32):
+    """(N,) weights of ``dtype`` for ``valid`` (labels-shaped bool: not ignored, not masked); None for "none".
 
     - "sum": 1; "mean": 1 / token_count (default: the number of valid tokens; 0 weight when none);
     - "seq-mean-token-mean": 1 / (valid tokens of the sequence) / seq_count (default: the number of
@@ -36,7 +37,7 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
     reduction = canonical(reduction)
     if reduction == "none":
         return None
-    w = valid.to(torch.float32)
+    w = valid.to(dtype)
     if reduction == "sum":
         pass
     elif reduction == "mean":
@@ -61,14 +62,15 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
     return w if w.dim() == 1 else w.reshape(-1)
 
 
-def uniform_weight(reduction, n, token_count=None):
+def uniform_weight(reduction, n, token_count=None, dtype=torch.float32):
     """The weight ``token_weights`` gives each of ``n`` tokens when every one is valid, as a Python float, where
     it is one number known on the host: "sum" 1, "mean" 1 / n (without a global ``token_count``); else None.
-    Rounded to float32 as the weights tensor is, so the products are those of ``token_weights``, bit for bit
-    (1 / n in float64, then float32: twice rounding a quotient is exact for 53 ≥ 2·24 + 2 bits)."""
+    Rounded to ``dtype`` (float32 or float64) as the weights tensor is, so the products are those of
+    ``token_weights``, bit for bit (1 / n in float64, then float32: rounding a quotient twice gives the once-
+    rounded value for 53 ≥ 2·24 + 2 bits). Beyond 2^24 tokens a float32 count of them rounds; 1 / n here does not."""
     reduction = canonical(reduction)
     if reduction == "sum":
         return 1.0
     if reduction == "mean" and token_count is None and n > 0:
-        return array.array("f", (1.0 / n,))[0]
+        return 1.0 / n if dtype == torch.float64 else array.array("f", (1.0 / n,))[0]
     return None

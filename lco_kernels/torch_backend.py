@@ -313,16 +313,17 @@ def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, s
     e.scatter_(1, lab, 0.0)
     s = e.sum(dim=1)
     # one host read for both conditions: s + 0·(z_i + the per-token inputs) is s where those are finite, NaN
-    # where one is not (0·±inf is NaN); SFT's Ψ are ones, nothing to check
+    # where one is not (0·±inf is NaN: tests/test_losses.py::test_one_pass_forward_refuses_non_finite_rows)
     probe = z_i
-    for x in (advantages if spec.info.advantages else None, old_logprobs, ref_logprobs):
+    for x in (advantages, old_logprobs, ref_logprobs):
         probe = probe if x is None else probe + x
     lo, hi = torch.add(s, probe, alpha=0.0).aminmax()
     if not (float(lo) >= _TINY and float(hi) <= _HUGE):  # NaN fails both
         return None
     log_s = torch.log(s)
     d = z_i - log_s  # finite: z_i is, and log s lies in [log _TINY, log _HUGE]
-    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec, False)
+    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec,
+                                                        need_logs=False)
     return loss, alpha, (lab, log_s[:, None])
 
 

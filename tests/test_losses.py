@@ -9,6 +9,7 @@ import lco_kernels
 import reference
 from helpers import BACKENDS, assert_grad_close, assert_loss_close, make_inputs
 from lco_kernels import lco_loss, ppo_loss, torch_backend, torch_heads
+from lco_kernels._plumbing import loss_spec
 from lco_kernels.diagnostics.aot import heads
 from lco_kernels.reductions import REDUCTIONS
 from lco_kernels.registry import DIVERGENCES, LOSSES, LossSpec
@@ -163,6 +164,30 @@ def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entro
     scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
     assert_loss_close(results[0][0], ref_loss, scale)
     assert_grad_close(results[0][1], ref_grad, scale, torch.float32)
+
+
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_one_pass_forward_refuses_non_finite_rows(name, fn, kind, extra):
+    """The one-pass forward reads its rows' sums and the finiteness of z_i and the per-token inputs in one
+    value, s + 0·(z_i + inputs): a +inf or NaN label logit, or a non-finite input the loss reads, sends the
+    call down the general path (which makes that row NaN), and a finite call is not refused."""
+    logits, labels, adv, old, ref = family_inputs((4,), 50, torch.float32, "cpu")
+    labels = torch.where(labels < 0, 3, labels)
+    spec = loss_spec(kind, old_logprobs=old if kind in NEEDS_OLD or extra.get("old") else None,
+                     ref_logprobs=ref if extra.get("ref") else None,
+                     **{k: v for k, v in extra.items() if k not in ("ref", "old")})
+    inputs = (adv if spec.info.advantages else None, old if spec.has_old else None, ref if spec.has_ref else None)
+    assert torch_backend.ordinary_forward(logits, labels, *inputs, spec) is not None
+    for bad in (torch.inf, torch.nan):
+        poisoned = logits.clone()
+        poisoned[1, labels[1]] = bad
+        assert torch_backend.ordinary_forward(poisoned, labels, *inputs, spec) is None
+        for k, x in enumerate(inputs):
+            if x is not None:
+                changed = list(inputs)
+                changed[k] = x.clone()
+                changed[k][2] = -bad if k == 0 else bad  # -inf, +inf or NaN: none is finite
+                assert torch_backend.ordinary_forward(logits, labels, *changed, spec) is None, k
 
 
 def _rows_with_ratios(ratios, device):

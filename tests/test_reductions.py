@@ -2,25 +2,46 @@
 import pytest
 import torch
 
+from lco_kernels import lco_loss
 from lco_kernels.reductions import REDUCTIONS, token_weights, uniform_weight
 
 COUNTS = list(range(1, 300)) + [1000, 4097, 12345, 99991, 2 ** 20 + 3]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "token-mean", "sum"])
-def test_uniform_weight_is_token_weights_bit_for_bit(reduction):
-    """The float weight is the float32 weight ``token_weights`` gives every token of an unpadded call, so the
-    reduced loss and every gradient coefficient are the same products, bit for bit, in float32 and float64."""
+def test_uniform_weight_is_token_weights_bit_for_bit(reduction, dtype):
+    """The float weight is the weight of ``dtype`` that ``token_weights`` gives every token of an unpadded call,
+    so the reduced loss and every gradient coefficient are the same products, bit for bit."""
     g = torch.Generator().manual_seed(0)
     for n in COUNTS:
-        weights = token_weights(torch.ones(n, dtype=torch.bool), None, reduction)
-        weight = uniform_weight(reduction, n)
+        weights = token_weights(torch.ones(n, dtype=torch.bool), None, reduction, dtype=dtype)
+        weight = uniform_weight(reduction, n, dtype=dtype)
         assert isinstance(weight, float)
-        assert torch.equal(weights, torch.full((n,), weight)), n
+        assert torch.equal(weights, torch.full((n,), weight, dtype=dtype)), n
         if n <= 4097:
-            for dtype in (torch.float32, torch.float64):
-                loss = torch.rand(n, generator=g, dtype=dtype) * 10
-                assert torch.equal((loss * weight).sum(), (loss * weights).sum()), (n, dtype)
+            loss = torch.rand(n, generator=g, dtype=dtype) * 10
+            upstream = torch.rand((), generator=g, dtype=dtype)
+            assert torch.equal((loss * weight).sum(), (loss * weights).sum()), n
+            assert torch.equal(weight * upstream * loss, weights * upstream * loss), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unpadded_and_counted_calls_agree_bit_for_bit(dtype):
+    """An unpadded "mean" call (one-number weight) and the same call with its own token count given as a tensor
+    (per-token weights) give the same loss and gradient, with an upstream gradient other than 1."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 11, generator=g, dtype=dtype)
+    labels = torch.randint(0, 11, (6,), generator=g)
+    adv = torch.randn(6, generator=g, dtype=dtype)
+    results = []
+    for kw in ({}, {"token_count": torch.tensor(6.0)}):
+        z = x.clone().requires_grad_(True)
+        loss = lco_loss(z, labels, adv, backend="torch", **kw)
+        (0.37 * loss).backward()
+        results.append((loss.detach(), z.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

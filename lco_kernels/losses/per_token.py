@@ -95,7 +95,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
     # shard after the gather: tensor_parallel.check_ownership; a traced call's inside the op)
     tokens = prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, ignore_index=ignore_index,
                             reduction=reduction, loss_mask=loss_mask, max_length=max_length, token_count=token_count,
-                            seq_count=seq_count, vocab_size=logits.shape[-1] if eager and tp is None else None)
+                            seq_count=seq_count, vocab_size=logits.shape[-1] if eager and tp is None else None,
+                            dtype=ops.compute_dtype(logits.dtype))
     if tp is None and not eager:
         # traced: the custom op, with the reduction around it traced with the model; the labels are checked
         # against the vocabulary inside the op (on CPU tensors only: ops.py)
@@ -108,7 +109,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # eager (ops.runs_eagerly), or a vocabulary shard: the same forward and gradient as an autograd Function
-        call = Call(spec, int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp, tokens.every_label)
+        call = Call(spec, int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp,
+                    tokens.every_label)
         out = LossFunction.apply(logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs,
                                  tokens.weights, call)
         loss, entropy, stats = out if return_entropy or return_stats else (out, None, None)
