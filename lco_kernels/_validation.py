@@ -267,7 +267,8 @@ def every_label_a_column(labels, V, ignore_index, first=0):
 
 def check_labels_in_range(labels, V, ignore_index):
     """Called inside the forward ops (ops.py) on the tensors they run on, so compiled CPU code raises as
-    eager code does (there torch.compile is no longer tracing), and inside the fused-linear Function.
+    eager code does (there torch.compile is no longer tracing), inside the fused-linear Function, and by
+    ``_plumbing.prepare_tokens`` for an eager call on the whole vocabulary.
     Returns True when it read that every label is a column and none can be ``ignore_index`` (no padding)."""
     if not label_check_reads_device(labels) or labels.numel() == 0:
         return False

@@ -120,7 +120,7 @@ def lco_loss_from_logprobs(logprobs, advantages, *, rho_pos=RHO_POS, rho_neg=RHO
                             for t, v in ((logprobs.to(cdt), -1.0), (adv, 0.0), (old, -1.0), (ref, -1.0)))
     loss, target, clamped, clipped = _HeadOnLogprobs.apply(log_p, adv, old, ref, spec)
     per_token_loss = torch.where(valid, loss, 0.0)
-    weights = token_weights(valid, adv, reduction, max_length, token_count, seq_count)
+    weights = token_weights(valid, adv, reduction, max_length, token_count, seq_count, cdt)  # as lco_loss's
     out = per_token_loss if weights is None else (per_token_loss.reshape(-1) * weights).sum()
     if not return_stats:
         return out
