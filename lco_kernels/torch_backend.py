@@ -322,8 +322,7 @@ def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, s
         return None
     log_s = torch.log(s)
     d = z_i - log_s  # finite: z_i is, and log s lies in [log _TINY, log _HUGE]
-    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec,
-                                                        need_logs=False)
+    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec)
     return loss, alpha, (lab, log_s[:, None])
 
 

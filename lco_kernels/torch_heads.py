@@ -134,14 +134,9 @@ def _log_p_pair(d):
     return F.logsigmoid(d), F.logsigmoid(-d)
 
 
-def loss_terms(d, adv, old_logp, ref_logp, spec: LossSpec, need_logs=True):
+def loss_terms(d, adv, old_logp, ref_logp, spec: LossSpec):
     """(log p_i, log(1 − p_i), loss, alpha, target, clamped, clipped) per row at d = log p_i − log(1 − p_i):
-    the policy term with its KL penalty (target, clamped, clipped None where the loss has none). Without
-    ``need_logs`` the first two may be None: SFT then takes −log p_i = −log σ(d) and α = 1 − p_i = σ(−d)
-    straight from d (four ops, not five; SFT has no KL term). Not softplus(−d): it returns −d itself past
-    −d = 20, which drops log1p(e^d) ≈ 2e-9 (a float64 error)."""
-    if spec.kind == Kind.SFT and not need_logs:
-        return None, None, -F.logsigmoid(d), torch.sigmoid(-d), None, None, None
+    the policy term with its KL penalty (target, clamped, clipped None where the loss has none)."""
     log_p, log_1mp = _log_p_pair(d)
     loss, alpha, target, clamped, clipped = _policy_term(d, log_p, log_1mp, adv, old_logp, spec)
     if spec.has_ref:
@@ -188,9 +183,7 @@ def row_head(z_i, m, s, u, q, valid, owned, adv, old_logp, ref_logp, spec: LossS
     if not ordinary:
         only_option = s == 0
         d = torch.where(only_option, torch.inf, d)
-    # the logs are read only with the entropy (``with_stats`` comes with ``need_entropy``)
-    log_p, log_1mp, loss, alpha, target, clamped, clipped = loss_terms(d, adv, old_logp, ref_logp, spec,
-                                                                       need_logs=need_entropy)
+    log_p, log_1mp, loss, alpha, target, clamped, clipped = loss_terms(d, adv, old_logp, ref_logp, spec)
     if not ordinary:
         alpha = torch.where(only_option, 0.0, alpha)
         if spec.kind == Kind.LCO:
