@@ -9,6 +9,7 @@ import torch
 
 from . import torch_heads
 from ._validation import every_label_a_column
+from .registry import Kind
 from .stats import PART, PARTIALS, ROW, ROW_STATE, STAT_ROWS
 from .torch_heads import row_head
 
@@ -321,8 +322,11 @@ def ordinary_forward(logits2d, labels, advantages, old_logprobs, ref_logprobs, s
     if not (float(lo) >= _TINY and float(hi) <= _HUGE):  # NaN fails both
         return None
     log_s = torch.log(s)
-    d = z_i - log_s  # finite: z_i is, and log s lies in [log _TINY, log _HUGE]
-    _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(d, advantages, old_logprobs, ref_logprobs, spec)
+    # d = z_i − log s is finite: z_i is, and log s lies in [log _TINY, log _HUGE]
+    if spec.kind == Kind.SFT:  # its head takes −d, formed in the same one op
+        loss, alpha = torch_heads.sft_terms(log_s - z_i)
+    else:
+        _, _, loss, alpha, _, _, _ = torch_heads.loss_terms(z_i - log_s, advantages, old_logprobs, ref_logprobs, spec)
     return loss, alpha, (lab, log_s[:, None])
 
 

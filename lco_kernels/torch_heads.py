@@ -55,14 +55,21 @@ def _kl_term(log_p, ref_logp, kl_type):
     return x.abs(), torch.sign(x)
 
 
+def sft_terms(nd):
+    """SFT's (loss, alpha) per row at nd = −d: −log p_i = softplus(nd) and 1 − p_i = σ(nd), two ops (the
+    one-pass forward needs no log-p pair). Past ``threshold`` softplus returns nd itself: at 40, e^{−40} lies
+    below float64's precision there (the default 20 would leave a relative error of 1e-10)."""
+    return F.softplus(nd, threshold=40.0), torch.sigmoid(nd)
+
+
 def _policy_term(d, log_p, log_1mp, adv, old_logp, spec: LossSpec):
     """(loss, alpha, target, clamped, clipped) per row; the last three None where the loss has none
     (only the statistics read them)."""
+    if spec.kind == Kind.SFT:
+        return (*sft_terms(-d), None, None, None)
     one_minus_p = torch.exp(log_1mp)
     target = clamped = clipped = None
-    if spec.kind == Kind.SFT:
-        loss, alpha = -log_p, one_minus_p
-    elif spec.kind == Kind.PG:
+    if spec.kind == Kind.PG:
         loss, alpha = torch.where(adv == 0, 0.0, -adv * log_p), adv * one_minus_p
     elif spec.kind == Kind.PPO:
         log_ratio = log_p - old_logp
