@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lco_kernels import torch_backend, triton_backend
+from lco_kernels import torch_backend, torch_heads, triton_backend
 from lco_kernels._plumbing import loss_spec
 from lco_kernels.diagnostics.aot import heads
 from lco_kernels.stats import PART, PARTIALS, ROW, STAT
@@ -127,3 +127,20 @@ def test_both_heads_agree_on_every_row(head):
     if spec.can_clip:
         clipped = stats_torch[:, STAT["clipped"]]
         assert 0 < int(clipped.sum()) < len(clipped)
+
+
+def test_sft_head_is_exact():
+    """SFT's two-op head (−log p_i = softplus(nd), 1 − p_i = σ(nd) at nd = −d) against log(1 + e^nd) and
+    1 / (1 + e^−nd) formed another way, in float64 and float32, for nd in [−60, 60]: softplus returns nd
+    itself past its threshold, which must lie where e^−nd no longer shows (at softplus's default of 20 the
+    float64 loss is off by up to 1e-10 relative: this test fails)."""
+    nd = torch.linspace(-60, 60, 2401, dtype=torch.float64) + torch.rand(2401, dtype=torch.float64) * 0.01
+    for dtype, rtol in ((torch.float64, 1e-15), (torch.float32, 1e-6)):
+        x = nd.to(dtype)
+        loss, alpha = torch_heads.sft_terms(x)
+        x = x.double()
+        want_loss = torch.where(x > 0, x + torch.log1p(torch.exp(-x)), torch.log1p(torch.exp(x)))
+        want_alpha = torch.where(x > 0, 1 / (1 + torch.exp(-x)), torch.exp(x) / (1 + torch.exp(x)))
+        assert loss.dtype == alpha.dtype == dtype
+        torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=0)
+        torch.testing.assert_close(alpha.double(), want_alpha, rtol=rtol, atol=0)
