@@ -1,13 +1,18 @@
 """The fixed cost per call: forward + backward at small and medium shapes, where host work (validation,
 op dispatch, the per-row head) weighs as much as the arithmetic.
 
-    python -m bench.fixed_cost [--repeats R] [--threads T] [--shapes 8x64,64x1024] [--no-compile]
+    python -m bench.fixed_cost [--repeats R] [--threads T] [--shapes 8x64,64x1024] [--no-compile] [--apart]
                                                         (also the first section of ``python -m bench``)
 
 µs per forward + backward of ``lco_loss``, ``sft_loss``, plain LCO, ``F.cross_entropy`` and
 ``torch.compile`` of plain LCO at 8 × 64, 64 × 1024 and 256 × 4096 (float32), timed in one fresh
 process (``bench.timing_worker``: interleaved rounds, one thread on a CPU by default); every ratio
 is between minima of the same run.
+
+``--apart`` also times each call's forward alone and its backward alone (through one kept graph) beside
+the two in turn, without ``torch.compile``: where the two in turn take longer than their sum, the
+difference is what running one right after the other costs (the host code of both passes in the
+processor's caches and predictors at once), not arithmetic.
 """
 import argparse
 import os
@@ -18,10 +23,10 @@ VARIANTS = ["ours", "eager", "torch.compile", "ours-sft", "cross-entropy"]
 REPEATS = 21
 
 
-def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIANTS):
+def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIANTS, parts=("step",)):
     from bench import timing_worker
     return timing_worker.run([(n, v, variants) for n, v in shapes], repeats, device=device, threads=threads,
-                             label="fixed cost ")
+                             label="fixed cost ", parts=parts)
 
 
 def main(argv=None):
@@ -36,14 +41,20 @@ def main(argv=None):
                         help="N×V shapes, comma-separated (default %(default)s)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out torch.compile of plain LCO (its compilation takes the most time)")
+    parser.add_argument("--apart", action="store_true",
+                        help="also time the forward alone and the backward alone (implies --no-compile)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
-    variants = [v for v in VARIANTS if not (args.no_compile and v == "torch.compile")]
+    variants = [v for v in VARIANTS if not ((args.no_compile or args.apart) and v == "torch.compile")]
+    parts = ("step", "forward", "backward") if args.apart else ("step",)
     load = os.getloadavg()
-    records = run(args.repeats, device, args.threads, shapes, variants)
+    records = run(args.repeats, device, args.threads, shapes, variants, parts)
     print(report.fixed_cost_header(device, args.threads, args.repeats, load, os.getloadavg(), variants))
-    print(report.fixed_cost_table(records))
+    steps = [r for r in records if r["part"] == "step"]
+    print(report.fixed_cost_table(steps))
+    if args.apart:
+        print("\n" + report.fixed_cost_apart_table(records))
     return 1 if any("error" in r and r["variant"] in ("ours", "ours-sft") for r in records) else 0
 
 

@@ -157,6 +157,24 @@ def fixed_cost_table(records):
     return "\n".join(lines)
 
 
+def fixed_cost_apart_table(records):
+    """Per shape and variant: the forward alone, the backward alone, their sum, the two in turn and the
+    in-turn time ÷ the sum (minima, µs)."""
+    parts = collections.defaultdict(dict)
+    for r in records:
+        parts[r["N"], r["V"], r["variant"]][r["part"]] = min(r["times_s"]) * 1e6 if r.get("times_s") else None
+    lines = ["| N × V | variant | forward alone µs | backward alone µs | sum µs | in turn µs | in turn ÷ sum |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (n, vocab, name), t in parts.items():
+        fwd, bwd, both = t.get("forward"), t.get("backward"), t.get("step")
+        if None in (fwd, bwd, both):
+            lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | – | – | – | – | – |")
+            continue
+        lines.append(f"| {n} × {vocab} | {_LABELS.get(name, name)} | {fwd:.0f} | {bwd:.0f} | {fwd + bwd:.0f} | "
+                     f"{both:.0f} | {both / (fwd + bwd):.2f} |")
+    return "\n".join(lines)
+
+
 def linear_table(records, device_kind):
     """Fused linear + LCO vs projection then lco_loss: peak extra memory and time, as ratios (CPU: of medians)
     and min / median / max ms with the spread."""

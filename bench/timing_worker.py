@@ -4,7 +4,8 @@ the compile caches are the worker's own.
     python -m bench.timing_worker SPEC_JSON        (prints one JSON line: the records)
 
 SPEC: {"device": "cpu" | "cuda", "threads": int, "repeats": int, "target_s": float,
-       "shapes": [[N, V, [variant, ...]], ...]}   (variants: names of ``bench.variants.make``)
+       "shapes": [[N, V, [variant, ...]], ...],   (variants: names of ``bench.variants.make``)
+       "parts": ["step" | "forward" | "backward", ...]}   (optional; default ["step"], see ``PARTS``)
 
 Per shape, every variant is warmed up (four calls; ``torch.compile`` compiles in the first), then
 timed in ``repeats`` rounds; each round times every variant once, in an order rotated from round to
@@ -31,11 +32,17 @@ HEAP = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "40000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(shapes, repeats, *, device="cpu", threads=1, heap=False, target_s=0.01, label="timing"):
-    """Records (variant, N, V, times_s, inner, ...) from a fresh worker process; ``heap`` forces heap
-    allocations (``HEAP``). The worker's progress lines pass through to this process's stderr."""
+# what a timing covers: one forward + backward; the forward alone (its graph dropped); the backward alone,
+# again and again through one forward's graph (kept with retain_graph)
+PARTS = ("step", "forward", "backward")
+
+
+def run(shapes, repeats, *, device="cpu", threads=1, heap=False, target_s=0.01, label="timing", parts=("step",)):
+    """Records (variant, part, N, V, times_s, inner, ...) from a fresh worker process; ``heap`` forces heap
+    allocations (``HEAP``); ``parts`` (of ``PARTS``) what each variant is timed doing. The worker's progress
+    lines pass through to this process's stderr."""
     spec = dict(device=device, threads=threads, repeats=repeats, target_s=target_s, label=label,
-                shapes=[[n, v, list(variants)] for n, v, variants in shapes])
+                shapes=[[n, v, list(variants)] for n, v, variants in shapes], parts=list(parts))
     env = dict(os.environ, **(HEAP if heap else {}))
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.timing_worker", json.dumps(spec)],
                          stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=3600)
@@ -68,8 +75,8 @@ def measure(spec):
         with progress.step(f"N={n} V={vocab}: warm-up{compiles}, then {spec['repeats']} rounds of "
                            f"{', '.join(variants)}"):
             recs = _shape(spec, n, vocab, variants, device, backend)
-        log("    " + ", ".join(f"{name} {min(recs[name]['times_s']) * 1e6:.0f} µs" if recs[name]["times_s"]
-                               else f"{name} {recs[name].get('error', 'no timing')}" for name in variants))
+        log("    " + ", ".join(f"{_name(*key)} {min(r['times_s']) * 1e6:.0f} µs" if r["times_s"]
+                               else f"{_name(*key)} {r.get('error', 'no timing')}" for key, r in recs.items()))
         records += recs.values()
     return records
 
@@ -81,24 +88,46 @@ def _shape(spec, n, vocab, variants, device, backend):
     adv = torch.randn(n, generator=g, device=device)
     calls, recs = {}, {}
     for name in variants:
-        rec = recs[name] = dict(variant=name, N=n, V=vocab, dtype="float32", device=device,
-                                threads=spec["threads"], times_s=[])
-        try:
-            fn = make(name, backend)
-            # in place, the gradient overwrites the logits: that variant gets a copy of its own
-            z = logits.detach().clone().requires_grad_(True) if name == "ours-inplace" else logits
-            one = calls[name] = (lambda fn=fn, z=z: step(fn, z, labels, adv))
-            one()  # compiles (torch.compile), fills caches, settles the allocator
-            warm = min(_timed(one, 1, device) for _ in range(3))
-            rec["inner"] = max(1, min(1000, round(spec["target_s"] / max(warm, 1e-7))))
-        except Exception as e:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            calls.pop(name, None)
+        for part in spec.get("parts", ["step"]):
+            key = (name, part)
+            rec = recs[key] = dict(variant=name, part=part, N=n, V=vocab, dtype="float32", device=device,
+                                   threads=spec["threads"], times_s=[])
+            try:
+                fn = make(name, backend)
+                # in place, the gradient overwrites the logits: that variant gets a copy of its own
+                z = logits.detach().clone().requires_grad_(True) if name == "ours-inplace" else logits
+                one = calls[key] = _call(part, fn, z, labels, adv)
+                one()  # compiles (torch.compile), fills caches, settles the allocator
+                warm = min(_timed(one, 1, device) for _ in range(3))
+                rec["inner"] = max(1, min(1000, round(spec["target_s"] / max(warm, 1e-7))))
+            except Exception as e:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                calls.pop(key, None)
     order = list(calls)
     for r in range(spec["repeats"]):
-        for name in order[r % len(order):] + order[:r % len(order)] if order else ():
-            recs[name]["times_s"].append(_timed(calls[name], recs[name]["inner"], device))
+        for key in order[r % len(order):] + order[:r % len(order)] if order else ():
+            recs[key]["times_s"].append(_timed(calls[key], recs[key]["inner"], device))
     return recs
+
+
+def _call(part, fn, z, labels, adv):
+    """What one timing of ``part`` (see ``PARTS``) calls."""
+    if part == "step":
+        return lambda: step(fn, z, labels, adv)
+    if part == "forward":
+        return lambda: fn(z, labels, adv)
+    if part != "backward":
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    loss = fn(z, labels, adv)
+
+    def backward():
+        z.grad = None
+        loss.backward(retain_graph=True)
+    return backward
+
+
+def _name(variant, part):
+    return variant if part == "step" else f"{variant} {part}"
 
 
 def main(argv):
