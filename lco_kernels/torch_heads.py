@@ -58,7 +58,9 @@ def _kl_term(log_p, ref_logp, kl_type):
 def sft_terms(nd):
     """SFT's (loss, alpha) per row at nd = −d: −log p_i = softplus(nd) and 1 − p_i = σ(nd), two ops (the
     one-pass forward needs no log-p pair). Past ``threshold`` softplus returns nd itself: at 40, e^{−40} lies
-    below float64's precision there (the default 20 would leave a relative error of 1e-10)."""
+    below float64's precision there (the default 20 would leave a relative error of 1e-10). The Triton twin
+    forms the same two values from the log-p pair it computes anyway (−log p_i, e^{log(1 − p_i)}): they agree
+    to rounding (tests/test_heads.py)."""
     return F.softplus(nd, threshold=40.0), torch.sigmoid(nd)
 
 
