@@ -132,10 +132,10 @@ class Tokens:
     weights: torch.Tensor | float | None
     every_label: bool = False
 
-    def advantages_or_ones(self):
-        """The advantages as the kernels read them: SFT's as ones."""
-        return self.advantages if self.advantages is not None else torch.ones(self.labels.shape,
-                                                                              device=self.labels.device)
+
+def advantages_or_ones(advantages, labels, dtype=torch.float32):
+    """The advantages as the kernels read them: SFT's (None, as Ψ plays no part) as ones in labels' shape."""
+    return advantages if advantages is not None else torch.ones(labels.shape, dtype=dtype, device=labels.device)
 
 
 def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, ignore_index, reduction,

@@ -13,7 +13,7 @@ import typing
 import torch
 
 from . import tensor_parallel, torch_backend
-from ._plumbing import flat
+from ._plumbing import advantages_or_ones, flat
 from .registry import LossSpec
 from .stats import ROW
 from .torch_backend import compute_dtype
@@ -141,8 +141,7 @@ class LossFunction(torch.autograd.Function):
                 ctx.logits_shape = logits.shape
                 return reduce_loss(loss, weights, labels.shape)
         logits3d = as_rows3d(logits)
-        if per_token[0] is None:  # SFT's advantages: the kernels read Ψ, which plays no part
-            per_token = (torch.ones(labels_flat.shape, dtype=dtype, device=logits.device),) + per_token[1:]
+        per_token = (advantages_or_ones(per_token[0], labels_flat, dtype),) + per_token[1:]
         if call.tp is None:
             rows, stats = call.backend.forward_rows(logits3d, labels_flat, *per_token, spec, call.ignore_index,
                                                     entropy_grad or call.with_stats, call.with_stats)

@@ -34,7 +34,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import ops, tensor_parallel
-from ._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
+from ._plumbing import advantages_or_ones, flat, loss_spec, prepare_tokens, resolve_backend
 from ._validation import check_labels_in_range, check_linear, check_options
 from .autograd import refuse_double_backward, row_coefficients
 from .registry import EPSILON, RHO_NEG, RHO_POS
@@ -550,8 +550,8 @@ def _apply(hidden, weight, bias, tokens, spec, ignore_index, chunk_size, accum_d
         if tp is not None:  # uneven shards may choose differently: every rank must run the same chunks
             chunk_size = tensor_parallel.agree_on_min(chunk_size, tp[0], hidden.device)
     labels = flat(tokens.labels, torch.int64)
-    per_token = tuple(flat(t, torch.float32) for t in (tokens.advantages_or_ones(), tokens.old_logprobs,
-                                                        tokens.ref_logprobs))
+    advantages = advantages_or_ones(tokens.advantages, tokens.labels)
+    per_token = tuple(flat(t, torch.float32) for t in (advantages, tokens.old_logprobs, tokens.ref_logprobs))
     if tp is not None:
         loss, entropy, stats = ShardedFusedLinear.apply(hidden, weight, bias, labels, *per_token, tokens.weights, spec,
                                                         int(ignore_index), int(chunk_size), accum_dtype, impl,

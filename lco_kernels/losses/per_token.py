@@ -65,7 +65,7 @@ gradient raises).
 import torch
 
 from .. import ops, tensor_parallel
-from .._plumbing import flat, loss_spec, prepare_tokens, resolve_backend
+from .._plumbing import advantages_or_ones, flat, loss_spec, prepare_tokens, resolve_backend
 from .._validation import check_logits_labels, check_no_self_overlap, check_options
 from ..autograd import Call, LossFunction
 from ..registry import EPSILON, RHO_NEG, RHO_POS
@@ -101,7 +101,7 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         # traced: the custom op, with the reduction around it traced with the model; the labels are checked
         # against the vocabulary inside the op (on CPU tensors only: ops.py)
         dtype = ops.compute_dtype(logits.dtype)
-        inputs = (logits, flat(tokens.labels, torch.int64), flat(tokens.advantages_or_ones(), dtype),
+        inputs = (logits, flat(tokens.labels, torch.int64), flat(advantages_or_ones(tokens.advantages, tokens.labels, dtype), dtype),
                   flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index))
         options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
                    ops.backend_name(impl))
