@@ -122,7 +122,7 @@ def _own_fused_linear_form(name):
 class Tokens:
     """Per-token inputs of a call, in labels' shape: the loss mask folded into the labels (masked
     tokens become ``ignore_index``), the advantages (None for SFT, where Ψ plays no part) and the
-    reduction's per-token weights (None for "none"; a Python float where every token has the same one,
+    reduction's per-token weights (None for "none"; a 0-dim tensor where every token has the same one,
     see ``prepare_tokens``). ``every_label``: the labels were checked against the vocabulary and every
     one is a column, none padding."""
     labels: torch.Tensor

@@ -77,16 +77,14 @@ def row_coefficients(spec, rows, weights, grad_loss, grad_entropy, entropy_grad)
 
 
 def save(ctx, weights, *tensors):
-    """save_for_backward(*tensors) and the reduction's ``weights``: a tensor, None, or a Python float (one
-    weight for every token), which is kept on ``ctx`` (``ctx.weight`` None: a tensor or None, saved last)."""
-    ctx.weight = weights if isinstance(weights, float) else None
-    ctx.save_for_backward(*tensors, None if ctx.weight is not None else weights)
+    """save_for_backward(*tensors) and the reduction's ``weights`` (a tensor or None), saved last."""
+    ctx.save_for_backward(*tensors, weights)
 
 
 def saved(ctx):
     """(weights, tensors) as ``save`` kept them."""
     *tensors, weights = ctx.saved_tensors
-    return (weights if ctx.weight is None else ctx.weight), tensors
+    return weights, tensors
 
 
 def refuse_double_backward():
@@ -98,7 +96,8 @@ def refuse_double_backward():
 
 
 class Call(typing.NamedTuple):
-    """What a ``LossFunction`` call takes besides its tensors (one argument: each one costs the call)."""
+    """What a ``LossFunction`` call takes besides the logits and its ``Tokens`` (one argument: each one costs the
+    call)."""
     spec: LossSpec
     ignore_index: int
     inplace_backward: bool
@@ -106,7 +105,6 @@ class Call(typing.NamedTuple):
     with_stats: bool
     return_entropy: bool
     tp: tuple | None           # (process group, first column) of a vocabulary shard
-    every_label: bool          # the caller checked the labels: every one is a column, none padding
 
 
 class LossFunction(torch.autograd.Function):
@@ -121,15 +119,17 @@ class LossFunction(torch.autograd.Function):
     (torch_backend.ordinary_forward)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, advantages, old_logprobs, ref_logprobs, weights, call):
+    def forward(ctx, logits, tokens, call):
         spec = call.spec
+        labels, advantages, old_logprobs, ref_logprobs, weights = (
+            tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs, tokens.weights)
         dtype = compute_dtype(logits.dtype)
         labels_flat = flat(labels, torch.int64)
         entropy_grad = call.return_entropy or spec.has_entropy_term
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype))
         ctx.call = call
         ctx.ordinary = False
-        if call.every_label and call.tp is None and call.backend is torch_backend and not (
+        if tokens.every_label and call.tp is None and call.backend is torch_backend and not (
                 entropy_grad or call.with_stats or call.inplace_backward):
             logits2d = torch_backend.ordinary_view(logits)
             ordinary = None if logits2d is None else torch_backend.ordinary_forward(logits2d, labels_flat, *per_token,
@@ -168,7 +168,7 @@ class LossFunction(torch.autograd.Function):
             grad = torch_backend.ordinary_backward(logits2d, coef, state, inv_temp)
             if grad.dim() != len(ctx.logits_shape):
                 grad = grad.view(ctx.logits_shape)
-            return grad, None, None, None, None, None, None
+            return grad, None, None
         if call.inplace_backward and ctx.gradient_written:
             raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their "
                                "gradient, so this graph cannot be differentiated again")
@@ -186,4 +186,4 @@ class LossFunction(torch.autograd.Function):
             # Anything else that saved these logits now fails its version check instead of
             # silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        return grad3d.view(logits.shape), None, None, None, None, None, None
+        return grad3d.view(logits.shape), None, None

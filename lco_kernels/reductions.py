@@ -7,7 +7,6 @@ aggregation. Counts may be given for the whole optimizer step (gradient accumula
 parallelism): ``token_count`` for "mean", ``seq_count`` for the "seq-*" modes; they stay tensors,
 so nothing here synchronises with the device.
 """
-import array
 
 import torch
 
@@ -63,14 +62,15 @@ def token_weights(valid, advantages, reduction, max_length=None, token_count=Non
 
 
 def uniform_weight(reduction, n, token_count=None, dtype=torch.float32):
-    """The weight ``token_weights`` gives each of ``n`` tokens when every one is valid, as a Python float, where
-    it is one number known on the host: "sum" 1, "mean" 1 / n (without a global ``token_count``); else None.
-    Rounded to ``dtype`` (float32 or float64) as the weights tensor is, so the products are those of
-    ``token_weights``, bit for bit (1 / n in float64, then float32: rounding a quotient twice gives the once-
-    rounded value for 53 ≥ 2·24 + 2 bits). Beyond 2^24 tokens a float32 count of them rounds; 1 / n here does not."""
+    """The weight ``token_weights`` gives each of ``n`` tokens when every one is valid, as a 0-dim CPU tensor of
+    ``dtype``, where it is one number known on the host: "sum" 1, "mean" 1 / n (without a global ``token_count``);
+    else None. Its value is the weights tensor's, so the products are those of ``token_weights``, bit for bit
+    (1 / n in float64, then rounded once to float32: rounding a quotient twice gives the once-rounded value for
+    53 ≥ 2·24 + 2 bits). A tensor, not a Python float: an operation with a Python number wraps it in a tensor on
+    every call. Beyond 2^24 tokens a float32 count of them rounds; 1 / n here does not."""
     reduction = canonical(reduction)
     if reduction == "sum":
-        return 1.0
+        return torch.ones((), dtype=dtype)
     if reduction == "mean" and token_count is None and n > 0:
-        return 1.0 / n if dtype == torch.float64 else array.array("f", (1.0 / n,))[0]
+        return torch.full((), 1.0 / n, dtype=dtype)
     return None

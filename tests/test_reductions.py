@@ -11,14 +11,14 @@ COUNTS = list(range(1, 300)) + [1000, 4097, 12345, 99991, 2 ** 20 + 3]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "token-mean", "sum"])
 def test_uniform_weight_is_token_weights_bit_for_bit(reduction, dtype):
-    """The float weight is the weight of ``dtype`` that ``token_weights`` gives every token of an unpadded call,
-    so the reduced loss and every gradient coefficient are the same products, bit for bit."""
+    """The one-number weight is the weight of ``dtype`` that ``token_weights`` gives every token of an unpadded
+    call, so the reduced loss and every gradient coefficient are the same products, bit for bit."""
     g = torch.Generator().manual_seed(0)
     for n in COUNTS:
         weights = token_weights(torch.ones(n, dtype=torch.bool), None, reduction, dtype=dtype)
         weight = uniform_weight(reduction, n, dtype=dtype)
-        assert isinstance(weight, float)
-        assert torch.equal(weights, torch.full((n,), weight, dtype=dtype)), n
+        assert weight.shape == () and weight.dtype == dtype
+        assert torch.equal(weights, weight.expand(n)), n
         if n <= 4097:
             loss = torch.rand(n, generator=g, dtype=dtype) * 10
             upstream = torch.rand((), generator=g, dtype=dtype)
@@ -48,10 +48,11 @@ def test_unpadded_and_counted_calls_agree_bit_for_bit(dtype):
 def test_uniform_weight_only_where_one_number_is_known(reduction):
     """Per-sequence and sign-dependent weights, "none", and a global token count (a tensor, never read on the
     host) keep the per-token weights."""
-    expected = {"sum": 1.0, "mean": 1.0 / 8}.get(reduction)
-    assert uniform_weight(reduction, 8) == expected
-    assert uniform_weight(reduction, 8, token_count=torch.tensor(16.0)) == (1.0 if reduction == "sum" else None)
-    assert uniform_weight(reduction, 0) == (1.0 if reduction == "sum" else None)
+    def value(weight):
+        return None if weight is None else weight.item()
+    assert value(uniform_weight(reduction, 8)) == {"sum": 1.0, "mean": 1.0 / 8}.get(reduction)
+    assert value(uniform_weight(reduction, 8, token_count=torch.tensor(16.0))) == (1.0 if reduction == "sum" else None)
+    assert value(uniform_weight(reduction, 0)) == (1.0 if reduction == "sum" else None)
 
 
 def test_sign_mean_without_advantages_counts_every_token_positive():

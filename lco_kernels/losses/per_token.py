@@ -109,10 +109,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         loss = rows.reshape(labels.shape) if tokens.weights is None else (rows * tokens.weights).sum()
     else:
         # eager (ops.runs_eagerly), or a vocabulary shard: the same forward and gradient as an autograd Function
-        call = Call(spec, int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp,
-                    tokens.every_label)
-        out = LossFunction.apply(logits, tokens.labels, tokens.advantages, tokens.old_logprobs, tokens.ref_logprobs,
-                                 tokens.weights, call)
+        call = Call(spec, int(ignore_index), inplace_backward, impl, return_stats, return_entropy, tp)
+        out = LossFunction.apply(logits, tokens, call)
         loss, entropy, stats = out if return_entropy or return_stats else (out, None, None)
     if mesh is not None:
         loss, entropy = (tensor_parallel.wrap_replicated(x, mesh) for x in (loss, entropy))
