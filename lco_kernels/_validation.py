@@ -168,7 +168,7 @@ def check_logits_labels(logits, labels):
         raise TypeError(f"logits must be floating point (float32, bfloat16 or float16), got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    _check_labels(labels, tuple(logits.shape[:-1]), logits.device, "logits.shape[:-1]")
+    _check_labels(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]")
 
 
 def _check_labels(labels, shape, device, what):
@@ -176,8 +176,8 @@ def _check_labels(labels, shape, device, what):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != shape:
-        raise ValueError(f"labels must have shape {what} = {shape}, got {tuple(labels.shape)}")
+    if labels.shape != shape:
+        raise ValueError(f"labels must have shape {what} = {tuple(shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
 
@@ -200,7 +200,7 @@ def check_linear(hidden, weight, bias, labels, chunk_size, accum_dtype):
     # mixed dtypes run in the lower precision (autocast's rule); bfloat16 with float16 has no lower one
     if {torch.bfloat16, torch.float16} <= {t.dtype for t in (hidden, weight, bias) if t is not None}:
         raise ValueError("hidden, weight and bias mix bfloat16 and float16: cast them to one of the two")
-    _check_labels(labels, tuple(hidden.shape[:-1]), hidden.device, "hidden.shape[:-1]")
+    _check_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
     check_chunk_size(chunk_size)
     if not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
         raise TypeError(f"accum_dtype must be a floating torch.dtype, got {accum_dtype!r}")
@@ -251,14 +251,14 @@ def label_check_reads_device(labels):
     """Whether the label-range check may read ``labels``: only eagerly on the CPU. On a GPU it would
     be a host synchronisation, under torch.compile a graph break, on meta tensors impossible; there an
     out-of-range label gives its row a NaN loss and gradient instead (the kernels never index with it)."""
-    return labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    return labels.is_cpu and not torch.compiler.is_compiling()
 
 
 def every_label_a_column(labels, V, ignore_index, first=0):
     """True when every label lies in [first, first + V) and none can be ``ignore_index`` (None: padding is not
     asked about), from one reduction read on the host; False where it is not so, and for labels off the CPU
     (there the read would be a sync)."""
-    if labels.device.type != "cpu" or labels.numel() == 0:
+    if not labels.is_cpu or labels.numel() == 0:
         return False
     lo, hi = labels.aminmax()
     lo, hi = int(lo) - first, int(hi) - first

@@ -152,7 +152,7 @@ def _sweep_columns(logits3d, labels, spec, ignore_index, need_entropy, vocab_sta
     inv_temp = 1.0 / spec.temperature
     step = _rows_per_chunk(logits3d)
     buf = torch.empty(step, V, dtype=cdt, device=logits3d.device)
-    sweep = _sweep_cpu if logits3d.device.type == "cpu" else _sweep_excluded
+    sweep = _sweep_cpu if logits3d.is_cpu else _sweep_excluded
     chunks = []
     for rows, view in _row_chunks(logits3d, step):
         here, lab = None if owned is None else _take(owned, rows, True), _take(idx, rows)
@@ -225,7 +225,7 @@ def forward_rows(logits3d, labels, advantages, old_logprobs, ref_logprobs, spec,
 def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_start=0):
     """Write coef·p̃ (−coef at the label) (+ ent_coef·∂H/∂z) into ``grad3d``, which may be ``logits3d``."""
     V = logits3d.shape[-1]
-    cpu = logits3d.device.type == "cpu"
+    cpu = logits3d.is_cpu
     if every_label_a_column(labels, V, None, vocab_start):
         owned, idx = None, (labels - vocab_start if vocab_start else labels).unsqueeze(1)
     else:
@@ -283,7 +283,7 @@ def ordinary_view(logits):
     it: CPU, one chunk, the compute dtype already (the gradient is then built in its destination), and a
     view of the caller's logits (never a copy: the backward reads them again)."""
     V = logits.shape[-1]
-    if not (logits.device.type == "cpu" and 0 < logits.numel() <= _CHUNK_ELEMENTS
+    if not (logits.is_cpu and 0 < logits.numel() <= _CHUNK_ELEMENTS
             and logits.dtype == compute_dtype(logits.dtype) and logits.stride(-1) == 1):
         return None
     if logits.dim() == 2:
