@@ -129,7 +129,7 @@ class Tokens:
     advantages: torch.Tensor | None
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
-    weights: torch.Tensor | float | None
+    weights: torch.Tensor | None
     every_label: bool = False
 
 

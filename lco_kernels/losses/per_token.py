@@ -101,7 +101,8 @@ def _fused(spec, logits, labels, advantages=None, old_logprobs=None, ref_logprob
         # traced: the custom op, with the reduction around it traced with the model; the labels are checked
         # against the vocabulary inside the op (on CPU tensors only: ops.py)
         dtype = ops.compute_dtype(logits.dtype)
-        inputs = (logits, flat(tokens.labels, torch.int64), flat(advantages_or_ones(tokens.advantages, tokens.labels, dtype), dtype),
+        read_advantages = advantages_or_ones(tokens.advantages, tokens.labels, dtype)
+        inputs = (logits, flat(tokens.labels, torch.int64), flat(read_advantages, dtype),
                   flat(tokens.old_logprobs, dtype), flat(tokens.ref_logprobs, dtype), int(ignore_index))
         options = (spec, return_entropy or spec.has_entropy_term, return_stats, inplace_backward,
                    ops.backend_name(impl))
