@@ -135,7 +135,7 @@ class LossFunction(torch.autograd.Function):
             ordinary = None if logits2d is None else torch_backend.ordinary_forward(logits2d, labels_flat, *per_token,
                                                                                     spec)
             if ordinary is not None:  # no row needs the row table, masks or chunks
-                loss, alpha, state = ordinary
+                loss, alpha, state, ctx.exp_buffer = ordinary
                 save(ctx, weights, logits2d, alpha, *state)
                 ctx.ordinary = True
                 ctx.logits_shape = logits.shape
@@ -165,7 +165,9 @@ class LossFunction(torch.autograd.Function):
             weights, (logits2d, alpha, *state) = saved(ctx)
             upstream = grad_loss.reshape(-1) if weights is None else weights * grad_loss
             coef = loss_coefficient(alpha, upstream, inv_temp)
-            grad = torch_backend.ordinary_backward(logits2d, coef, state, inv_temp)
+            # the forward's e^{z/τ} becomes the gradient; a second backward (retain_graph) forms it again
+            e, ctx.exp_buffer = ctx.exp_buffer, None
+            grad = torch_backend.ordinary_backward(logits2d, coef, state, inv_temp, e)
             if grad.dim() != len(ctx.logits_shape):
                 grad = grad.view(ctx.logits_shape)
             return grad, None, None

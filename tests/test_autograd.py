@@ -4,7 +4,7 @@ import torch
 
 from helpers import BACKENDS
 from helpers import assert_grad_close, assert_loss_close, make_inputs, reference_loss_and_grad
-from lco_kernels import LCOLoss, lco_loss
+from lco_kernels import LCOLoss, lco_loss, torch_backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -39,6 +39,28 @@ def test_inplace_equals_out_of_place(backend, dtype, device):
     assert torch.equal(y2.detach(), x.grad), "inplace_backward must write the gradient into the logits' storage"
     with pytest.raises(RuntimeError, match="inplace_backward"):
         loss2.backward()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_pass_backward_twice_through_a_kept_graph(temperature, monkeypatch):
+    """The one-pass CPU path writes its first backward's gradient into the forward's e^{z/τ} buffer; a second
+    backward through the kept graph (retain_graph) forms the buffer again: both gradients are the same bit for
+    bit, the first is left as it was, and they match the float64 reference."""
+    logits, labels, adv = make_inputs((3, 5), 300, torch.float32, "cpu", ignore_frac=0.0)
+    buffers = []
+    real_backward = torch_backend.ordinary_backward
+    monkeypatch.setattr(torch_backend, "ordinary_backward",
+                        lambda *a: buffers.append(a[-1] is not None) or real_backward(*a))
+    x = logits.clone().requires_grad_(True)
+    loss = lco_loss(x, labels, adv, temperature=temperature, backend="torch")
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(loss, x)
+    assert buffers == [True, False], "the one-pass path hands its buffer to the first backward only"
+    assert torch.equal(first, kept) and torch.equal(second, kept)
+    ref_loss, ref_grad = reference_loss_and_grad(logits.double() / temperature, labels, adv)
+    assert_loss_close(loss.detach(), ref_loss, adv)
+    assert_grad_close(second, ref_grad / temperature, adv, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
