@@ -1,4 +1,5 @@
-"""The per-token losses: every policy loss whose row loss sees the logits only through log p_i, through one vocabulary kernel, and exact token log-probs.
+"""The per-token losses: every policy loss whose row loss sees the logits only through log p_i, through one
+vocabulary kernel, and exact token log-probs.
 
 Every loss takes ``(logits, labels, ...)``: ``logits`` (..., V) float32, bfloat16 or float16
 (float64 with ``backend="torch"``), any strides for the leading dimensions; ``labels`` (...) int64 or
