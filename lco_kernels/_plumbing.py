@@ -123,14 +123,15 @@ class Tokens:
     """Per-token inputs of a call, in labels' shape: the loss mask folded into the labels (masked
     tokens become ``ignore_index``), the advantages (None for SFT, where Ψ plays no part) and the
     reduction's per-token weights (None for "none"; a 0-dim tensor where every token has the same one,
-    see ``prepare_tokens``). ``every_label``: the labels were checked against the vocabulary and every
-    one is a column, none padding."""
+    see ``prepare_tokens``). ``labels_in_range``: the labels were checked against the vocabulary, each
+    one a column or ``ignore_index``; ``every_label``: and every one is a column, none padding."""
     labels: torch.Tensor
     advantages: torch.Tensor | None
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     weights: torch.Tensor | None
     every_label: bool = False
+    labels_in_range: bool = False
 
 
 def advantages_or_ones(advantages, labels, dtype=torch.float32):
@@ -151,12 +152,13 @@ def prepare_tokens(spec, labels, advantages, old_logprobs, ref_logprobs, *, igno
     if loss_mask is not None:
         mask = per_token("loss_mask", loss_mask, labels, allow_number=False, allow_bool=True)
         labels = labels.masked_fill(mask == 0, ignore_index)
-    every_label = vocab_size is not None and check_labels_in_range(labels, vocab_size, ignore_index)
+    read = None if vocab_size is None else check_labels_in_range(labels, vocab_size, ignore_index)
+    every_label = read is True
     weights = uniform_weight(reduction, labels.numel(), token_count, dtype) if every_label else None
     if weights is None:
         weights = token_weights(labels != ignore_index, advantages, reduction, max_length, token_count, seq_count,
                                 dtype)
-    return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights, every_label)
+    return Tokens(labels, advantages, old_logprobs, ref_logprobs, weights, every_label, read is not None)
 
 
 def flat(t, dtype):

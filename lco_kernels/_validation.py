@@ -269,9 +269,10 @@ def check_labels_in_range(labels, V, ignore_index):
     """Called inside the forward ops (ops.py) on the tensors they run on, so compiled CPU code raises as
     eager code does (there torch.compile is no longer tracing), inside the fused-linear Function, and by
     ``_plumbing.prepare_tokens`` for an eager call on the whole vocabulary.
-    Returns True when it read that every label is a column and none can be ``ignore_index`` (no padding)."""
+    Returns True when it read that every label is a column and none can be ``ignore_index`` (no padding),
+    False when it read that each one is a column or ``ignore_index``, None when it did not read them."""
     if not label_check_reads_device(labels) or labels.numel() == 0:
-        return False
+        return None
     if every_label_a_column(labels, V, ignore_index):  # one op for the common case
         return True
     lo, hi = labels.masked_fill(labels == ignore_index, 0).aminmax()  # three ops where a mask of each rule takes six

@@ -129,11 +129,14 @@ class LossFunction(torch.autograd.Function):
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype))
         ctx.call = call
         ctx.ordinary = False
-        if tokens.every_label and call.tp is None and call.backend is torch_backend and not (
-                entropy_grad or call.with_stats or call.inplace_backward):
+        if (tokens.every_label or tokens.labels_in_range and weights is not None) and call.tp is None and (
+                call.backend is torch_backend and not (entropy_grad or call.with_stats or call.inplace_backward)):
             logits2d = torch_backend.ordinary_view(logits)
-            ordinary = None if logits2d is None else torch_backend.ordinary_forward(logits2d, labels_flat, *per_token,
-                                                                                    spec)
+            ordinary = None
+            if logits2d is not None:
+                # a padding token's weight is 0: it may take any column's values, which its weight then zeroes
+                columns = labels_flat if tokens.every_label else labels_flat.clamp(0, logits2d.shape[1] - 1)
+                ordinary = torch_backend.ordinary_forward(logits2d, columns, *per_token, spec)
             if ordinary is not None:  # no row needs the row table, masks or chunks
                 loss, alpha, state, ctx.exp_buffer = ordinary
                 save(ctx, weights, logits2d, alpha, *state)

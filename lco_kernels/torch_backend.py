@@ -273,10 +273,12 @@ def backward_rows(logits3d, labels, coef, ent_coef, rows, grad3d, spec, vocab_st
 
 # ---- one pass each way for ordinary calls ----
 # A call on the CPU whose logits fit one chunk, without the entropy, statistics or an in-place gradient,
-# where every label is a column (none is padding) and every row is ordinary (its sum s in [_TINY, _HUGE],
-# d and the per-token inputs finite) needs none of the row table, masks or chunking: the sweep, the
-# head's loss and α, and the gradient from (α, log s) alone. The values are those of the general path,
-# bit for bit (tests/test_losses.py::test_ordinary_calls_leave_out_the_masks_exactly). The forward's buffer
+# where every label is a column (padding too, under a reduction that weighs it 0: autograd.LossFunction gives
+# it a column, whose values its weight removes) and every row is ordinary (its sum s in [_TINY, _HUGE], d and the
+# per-token inputs finite) needs none of the row table, masks or chunking: the sweep, the head's loss and α, and
+# the gradient from (α, log s) alone. The values are those of the general path, bit for bit
+# (tests/test_losses.py::test_ordinary_calls_leave_out_the_masks_exactly and
+# ::test_padded_calls_take_the_one_pass_path_exactly). The forward's buffer
 # e^{z/τ} (at most one chunk) is kept for the backward, which scales it into the gradient in place: one
 # exp pass and one allocation fewer, and no higher peak, as the buffer is the gradient's.
 

@@ -167,6 +167,40 @@ def test_ordinary_calls_leave_out_the_masks_exactly(name, fn, kind, extra, entro
 
 
 @pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_padded_calls_take_the_one_pass_path_exactly(name, fn, kind, extra, monkeypatch):
+    """A CPU call with padding (``ignore_index`` labels and a loss mask) takes the one-pass path under every
+    reduction that weighs its tokens: a padding token takes a column's values, which its weight 0 removes. Its
+    loss and gradient are those of the general path (the same call with the one-pass path refused) bit for bit,
+    and match the float64 reference on the masked labels; "none" (no weights) takes the general path."""
+    logits, labels, adv, old, ref = family_inputs((3, 6), 300, torch.float32, "cpu")
+    labels[0, -2:] = -100
+    mask = torch.ones(3, 6)
+    mask[1, 0] = 0.0
+    masked = labels.masked_fill(mask == 0, -100)
+    taken = []
+    real_forward, real_view = torch_backend.ordinary_forward, torch_backend.ordinary_view
+    monkeypatch.setattr(torch_backend, "ordinary_forward",
+                        lambda *a: taken.append(real_forward(*a) is not None) or real_forward(*a))
+    for reduction in REDUCTIONS:
+        results = []
+        for view in (real_view, lambda logits: None):  # the one-pass path, then the general path
+            monkeypatch.setattr(torch_backend, "ordinary_view", view)
+            x = logits.clone().requires_grad_(True)
+            loss = call(fn, name, kind, extra, x, labels, adv, old, ref, reduction=reduction, loss_mask=mask,
+                        max_length=7, backend="torch")
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            results.append((loss.detach(), grad))
+        assert taken == ([] if reduction == "none" else [True]), (reduction, taken)
+        taken.clear()
+        for got, want, what in zip(*results, ("loss", "gradient")):
+            assert torch.equal(got, want), (reduction, what)
+        ref_loss, ref_grad = reference_for(kind, extra, logits, masked, adv, old, ref, reduction, max_length=7)
+        scale = adv.abs().max() if kind != "sft" else torch.tensor(1.0)
+        assert_loss_close(results[0][0], ref_loss, scale)
+        assert_grad_close(results[0][1], ref_grad, scale, torch.float32)
+
+
+@pytest.mark.parametrize("name,fn,kind,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_one_pass_forward_refuses_non_finite_rows(name, fn, kind, extra):
     """The one-pass forward reads its rows' sums and the finiteness of z_i and the per-token inputs in one
     value, s + 0·(z_i + inputs): a +inf or NaN label logit, or a non-finite input the loss reads, sends the
