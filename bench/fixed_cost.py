@@ -2,6 +2,7 @@
 op dispatch, the per-row head) weighs as much as the arithmetic.
 
     python -m bench.fixed_cost [--repeats R] [--threads T] [--shapes 8x64,64x1024] [--no-compile] [--apart]
+                               [--padded]
                                                         (also the first section of ``python -m bench``)
 
 µs per forward + backward of ``lco_loss``, ``sft_loss``, plain LCO, ``F.cross_entropy`` and
@@ -13,6 +14,9 @@ is between minima of the same run.
 the two in turn, without ``torch.compile``: where the two in turn take longer than their sum, the
 difference is what running one right after the other costs (the host code of both passes in the
 processor's caches and predictors at once), not arithmetic.
+
+``--padded`` makes the last N / 8 labels padding (-100), as at the end of a sequence: what an SFT or RL
+trainer's batches hold. The plain PyTorch LCO then masks them (``bench.variants.plain_lco_padded``).
 """
 import argparse
 import os
@@ -23,10 +27,10 @@ VARIANTS = ["ours", "eager", "torch.compile", "ours-sft", "cross-entropy"]
 REPEATS = 21
 
 
-def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIANTS, parts=("step",)):
+def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIANTS, parts=("step",), padded=False):
     from bench import timing_worker
     return timing_worker.run([(n, v, variants) for n, v in shapes], repeats, device=device, threads=threads,
-                             label="fixed cost ", parts=parts)
+                             label="fixed cost ", parts=parts, padded=padded)
 
 
 def main(argv=None):
@@ -43,14 +47,16 @@ def main(argv=None):
                         help="leave out torch.compile of plain LCO (its compilation takes the most time)")
     parser.add_argument("--apart", action="store_true",
                         help="also time the forward alone and the backward alone (implies --no-compile)")
+    parser.add_argument("--padded", action="store_true",
+                        help="the last N / 8 labels are padding (-100), as at the end of a sequence")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     variants = [v for v in VARIANTS if not ((args.no_compile or args.apart) and v == "torch.compile")]
     parts = ("step", "forward", "backward") if args.apart else ("step",)
     load = os.getloadavg()
-    records = run(args.repeats, device, args.threads, shapes, variants, parts)
-    print(report.fixed_cost_header(device, args.threads, args.repeats, load, os.getloadavg(), variants))
+    records = run(args.repeats, device, args.threads, shapes, variants, parts, args.padded)
+    print(report.fixed_cost_header(device, args.threads, args.repeats, load, os.getloadavg(), variants, args.padded))
     steps = [r for r in records if r["part"] == "step"]
     print(report.fixed_cost_table(steps))
     if args.apart:

@@ -109,7 +109,7 @@ def load_line(start, end):
     return f"Machine load average (1 / 5 / 15 min) {fmt(start)} at the start, {fmt(end)} at the end"
 
 
-def fixed_cost_header(device_kind, threads, repeats, load_start, load_end, variants=None):
+def fixed_cost_header(device_kind, threads, repeats, load_start, load_end, variants=None, padded=False):
     from bench.fixed_cost import VARIANTS
     from bench.variants import DESCRIPTIONS
     where = f"CPU, {threads} thread{'s' if threads != 1 else ''}" if device_kind == "cpu" else "GPU"
@@ -118,7 +118,9 @@ def fixed_cost_header(device_kind, threads, repeats, load_start, load_end, varia
             "rounds in one fresh process (each round times every variant once; a timing is the mean of enough "
             "back-to-back calls to last about 10 ms). At these shapes host work (argument checks, op dispatch, "
             "the per-row head) weighs as much as the arithmetic. A ratio is our time ÷ the other's: below 1 "
-            "we are faster, above 1 slower. " + load_line(load_start, load_end) + ".\n\n"
+            "we are faster, above 1 slower. "
+            + ("The last N / 8 labels are padding (-100), masked by every variant. " if padded else "")
+            + load_line(load_start, load_end) + ".\n\n"
             + "\n".join(f"- {_LABELS[v]}: {DESCRIPTIONS[v]}" for v in variants or VARIANTS) + "\n")
 
 

@@ -5,7 +5,8 @@ the compile caches are the worker's own.
 
 SPEC: {"device": "cpu" | "cuda", "threads": int, "repeats": int, "target_s": float,
        "shapes": [[N, V, [variant, ...]], ...],   (variants: names of ``bench.variants.make``)
-       "parts": ["step" | "forward" | "backward", ...]}   (optional; default ["step"], see ``PARTS``)
+       "parts": ["step" | "forward" | "backward", ...],   (optional; default ["step"], see ``PARTS``)
+       "padded": bool}   (optional; the last N / 8 labels are padding, -100, as at a sequence's end)
 
 Per shape, every variant is warmed up (four calls; ``torch.compile`` compiles in the first), then
 timed in ``repeats`` rounds; each round times every variant once, in an order rotated from round to
@@ -37,12 +38,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("step", "forward", "backward")
 
 
-def run(shapes, repeats, *, device="cpu", threads=1, heap=False, target_s=0.01, label="timing", parts=("step",)):
+def run(shapes, repeats, *, device="cpu", threads=1, heap=False, target_s=0.01, label="timing", parts=("step",),
+        padded=False):
     """Records (variant, part, N, V, times_s, inner, ...) from a fresh worker process; ``heap`` forces heap
-    allocations (``HEAP``); ``parts`` (of ``PARTS``) what each variant is timed doing. The worker's progress
-    lines pass through to this process's stderr."""
+    allocations (``HEAP``); ``parts`` (of ``PARTS``) what each variant is timed doing; ``padded``: the last N / 8
+    labels are padding. The worker's progress lines pass through to this process's stderr."""
     spec = dict(device=device, threads=threads, repeats=repeats, target_s=target_s, label=label,
-                shapes=[[n, v, list(variants)] for n, v, variants in shapes], parts=list(parts))
+                shapes=[[n, v, list(variants)] for n, v, variants in shapes], parts=list(parts), padded=padded)
     env = dict(os.environ, **(HEAP if heap else {}))
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.timing_worker", json.dumps(spec)],
                          stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=3600)
@@ -85,15 +87,18 @@ def _shape(spec, n, vocab, variants, device, backend):
     g = torch.Generator(device=device).manual_seed(0)
     logits = (torch.randn(n, vocab, generator=g, device=device) * 2).requires_grad_(True)
     labels = torch.randint(0, vocab, (n,), generator=g, device=device)
+    padded = spec.get("padded", False)
+    if padded:
+        labels[-max(1, n // 8):] = -100
     adv = torch.randn(n, generator=g, device=device)
     calls, recs = {}, {}
     for name in variants:
         for part in spec.get("parts", ["step"]):
             key = (name, part)
             rec = recs[key] = dict(variant=name, part=part, N=n, V=vocab, dtype="float32", device=device,
-                                   threads=spec["threads"], times_s=[])
+                                   threads=spec["threads"], padded=padded, times_s=[])
             try:
-                fn = make(name, backend)
+                fn = make(name, backend, padded)
                 # in place, the gradient overwrites the logits: that variant gets a copy of its own
                 z = logits.detach().clone().requires_grad_(True) if name == "ours-inplace" else logits
                 one = calls[key] = _call(part, fn, z, labels, adv)

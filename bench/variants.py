@@ -6,8 +6,19 @@ import reference
 from lco_kernels import lco_loss, sft_loss
 
 
-def plain_lco(logits, labels, advantages, rho_pos=1.8, rho_neg=0.9):
+def plain_lco(logits, labels, advantages):
     """LCO the way a user writes it in PyTorch: autograd through log_softmax, target detached."""
+    return _plain_lco_terms(logits, labels, advantages).mean()
+
+
+def plain_lco_padded(logits, labels, advantages, ignore_index=-100):
+    """``plain_lco`` where some labels are padding, masked as a user masks them: the mean over the others."""
+    valid = labels != ignore_index
+    terms = _plain_lco_terms(logits, labels.clamp(min=0), advantages)
+    return (terms * valid).sum() / valid.sum()
+
+
+def _plain_lco_terms(logits, labels, advantages, rho_pos=1.8, rho_neg=0.9):
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         rho = torch.where(advantages > 0, rho_pos, rho_neg)
@@ -15,17 +26,17 @@ def plain_lco(logits, labels, advantages, rho_pos=1.8, rho_neg=0.9):
     log_1mp = torch.log1p(-logp.exp())
     kl = (torch.where(t > 0, t * (torch.log(t) - logp), 0.0)
           + torch.where(t < 1, (1 - t) * (torch.log1p(-t) - log_1mp), 0.0))
-    return (advantages.abs() * kl).mean()
+    return advantages.abs() * kl
 
 
-_compiled = None
+_compiled = {}
 
 
-def compiled_plain_lco(*args):
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(plain_lco, dynamic=True)
-    return _compiled(*args)
+def compiled(fn):
+    """``torch.compile`` of ``fn`` (dynamic shapes), compiled once per process."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
 
 def liger_available():
@@ -56,8 +67,9 @@ DESCRIPTIONS = {
 }
 
 
-def make(name, backend):
-    """fn(logits, labels, advantages) -> loss for a logits-level variant name."""
+def make(name, backend, padded=False):
+    """fn(logits, labels, advantages) -> loss for a logits-level variant name; ``padded``: the labels hold
+    padding (-100), which the plain PyTorch LCO then masks (``plain_lco_padded``; the others take -100 as is)."""
     if name == "ours":
         return lambda z, l, a: lco_loss(z, l, a, backend=backend)
     if name == "ours-inplace":
@@ -69,10 +81,11 @@ def make(name, backend):
         return lambda z, l, a: torch.nn.functional.cross_entropy(z, l)
     if name == "reference":
         return lambda z, l, a: reference.lco_loss_reference(z, l, a)
+    plain = plain_lco_padded if padded else plain_lco
     if name == "eager":
-        return plain_lco
+        return plain
     if name == "torch.compile":
-        return compiled_plain_lco
+        return lambda z, l, a: compiled(plain)(z, l, a)
     if name == "liger-ce":
         return liger_ce
     raise ValueError(name)

@@ -2,7 +2,9 @@
 that ``python -m bench.fixed_cost`` prints (timings here only have to exist: this is not a timed test)."""
 import re
 
-from bench import fixed_cost, report
+import torch
+
+from bench import fixed_cost, report, variants
 
 
 def test_fixed_cost_times_each_part_apart(capsys):
@@ -22,3 +24,26 @@ def test_apart_table_marks_a_missing_part():
                dict(N=4, V=16, variant="ours", part="backward", error="RuntimeError: x")]
     table = report.fixed_cost_apart_table(records)
     assert table.splitlines()[-1] == "| 4 × 16 | lco_loss | – | – | – | – | – |"
+
+
+def test_padded_variants_compute_the_masked_losses():
+    """``--padded``: with the last labels padding, the plain PyTorch LCO's masked mean is ``lco_loss``'s loss and
+    the unpadded tokens' plain LCO; ``sft_loss`` is ``F.cross_entropy``'s (both skip -100 themselves)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 50, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 50, (16,), generator=g)
+    labels[-2:] = -100
+    adv = torch.randn(16, generator=g, dtype=torch.float64)
+    plain = variants.make("eager", "torch", padded=True)(logits, labels, adv)
+    assert torch.allclose(plain, variants.make("ours", "torch", padded=True)(logits, labels, adv), rtol=1e-10)
+    assert torch.allclose(plain, variants.plain_lco(logits[:-2], labels[:-2], adv[:-2]), rtol=1e-12)
+    sft = variants.make("ours-sft", "torch", padded=True)(logits, labels, adv)
+    assert torch.allclose(sft, variants.make("cross-entropy", "torch", padded=True)(logits, labels, adv), rtol=1e-10)
+
+
+def test_fixed_cost_padded_prints_its_table(capsys):
+    assert fixed_cost.main(["--padded", "--no-compile", "--repeats", "2", "--shapes", "8x16"]) == 0
+    out = capsys.readouterr().out
+    assert "The last N / 8 labels are padding (-100)" in out
+    row = re.search(r"^\| 8 × 16 \| (\d+) \| (\d+) \| – \| ([\d.]+) \| – \| (\d+) \| (\d+) \| ([\d.]+) \|$", out, re.M)
+    assert row and all(float(x) > 0 for x in row.groups()), out
