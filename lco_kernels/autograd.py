@@ -129,8 +129,10 @@ class LossFunction(torch.autograd.Function):
         per_token = (flat(advantages, dtype), flat(old_logprobs, dtype), flat(ref_logprobs, dtype))
         ctx.call = call
         ctx.ordinary = False
-        if (tokens.every_label or tokens.labels_in_range and weights is not None) and call.tp is None and (
-                call.backend is torch_backend and not (entropy_grad or call.with_stats or call.inplace_backward)):
+        # the one-pass path needs the labels checked; padding only where the reduction weighs it (by 0)
+        checked = tokens.every_label or (tokens.labels_in_range and weights is not None)
+        if checked and call.tp is None and call.backend is torch_backend and not (
+                entropy_grad or call.with_stats or call.inplace_backward):
             logits2d = torch_backend.ordinary_view(logits)
             ordinary = None
             if logits2d is not None:
