@@ -36,7 +36,7 @@ def run(repeats=REPEATS, device="cpu", threads=1, shapes=SHAPES, variants=VARIAN
 def main(argv=None):
     import torch
 
-    from bench import report
+    from bench import report, suite
     parser = argparse.ArgumentParser(prog="python -m bench.fixed_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"timed rounds (default {REPEATS})")
@@ -56,6 +56,9 @@ def main(argv=None):
     parts = ("step", "forward", "backward") if args.apart else ("step",)
     load = os.getloadavg()
     records = run(args.repeats, device, args.threads, shapes, variants, parts, args.padded)
+    env = suite.environment()
+    print(f"`python -m bench.fixed_cost {' '.join(sys.argv[1:] if argv is None else argv)}` · {env['device']} · "
+          f"torch {env['torch']} · commit {env['commit']}\n")
     print(report.fixed_cost_header(device, args.threads, args.repeats, load, os.getloadavg(), variants, args.padded))
     steps = [r for r in records if r["part"] == "step"]
     print(report.fixed_cost_table(steps))

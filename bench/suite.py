@@ -4,6 +4,7 @@ Every figure is a ratio against ours measured in the same run, or an absolute fi
 """
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -285,12 +286,31 @@ def cuda_plan(quick):
     return cases
 
 
+def cpu_name():
+    """The processor's model name (Linux's /proc/cpuinfo, else ``platform.processor()``): ratios at small and
+    medium shapes depend on it (the same torch build runs ``torch.exp`` at very different speeds on different
+    processors, docs/performance.md), so every record names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown processor"
+
+
+def cpu_description():
+    """``cpu_name()`` with the core count and the vector instructions torch's CPU kernels use here."""
+    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+
+
 def environment():
     import triton
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu_description()}"
+    return dict(device=device, cpu=cpu_description(), torch=torch.__version__, triton=triton.__version__,
                 commit=(commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else ""),
                 python=sys.version.split()[0], argv=sys.argv, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))

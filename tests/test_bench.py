@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from bench import fixed_cost, report, variants
+from bench import fixed_cost, report, suite, variants
 
 
 def test_fixed_cost_times_each_part_apart(capsys):
@@ -16,6 +16,17 @@ def test_fixed_cost_times_each_part_apart(capsys):
     for _, fwd, bwd, total, both, ratio in rows:
         assert int(total) in (int(fwd) + int(bwd) - 1, int(fwd) + int(bwd), int(fwd) + int(bwd) + 1)  # each rounded
         assert float(ratio) > 0 and int(both) > 0
+
+
+def test_cpu_description_names_the_processor(monkeypatch):
+    """The processor's model name from /proc/cpuinfo where there is one, else platform.processor()."""
+    name = suite.cpu_name()
+    assert name and name != "unknown processor"
+    assert suite.cpu_description().startswith(f"{name} (") and torch.backends.cpu.get_cpu_capability() in \
+        suite.cpu_description()
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(suite.platform, "processor", lambda: "x86_64")
+    assert suite.cpu_name() == "x86_64"
 
 
 def test_apart_table_marks_a_missing_part():
@@ -44,6 +55,9 @@ def test_padded_variants_compute_the_masked_losses():
 def test_fixed_cost_padded_prints_its_table(capsys):
     assert fixed_cost.main(["--padded", "--no-compile", "--repeats", "2", "--shapes", "8x16"]) == 0
     out = capsys.readouterr().out
+    # the command and the machine first: ratios at these shapes depend on the processor
+    assert out.startswith(f"`python -m bench.fixed_cost --padded --no-compile --repeats 2 --shapes 8x16` · "
+                          f"CPU: {suite.cpu_description()} · torch {torch.__version__} · commit "), out[:300]
     assert "The last N / 8 labels are padding (-100)" in out
     row = re.search(r"^\| 8 × 16 \| (\d+) \| (\d+) \| – \| ([\d.]+) \| – \| (\d+) \| (\d+) \| ([\d.]+) \|$", out, re.M)
     assert row and all(float(x) > 0 for x in row.groups()), out
