@@ -310,7 +310,8 @@ def environment():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu_description()}"
-    return dict(device=device, cpu=cpu_description(), torch=torch.__version__, triton=triton.__version__,
+    cpu = cpu_description()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}"
+    return dict(device=device, cpu=cpu, torch=torch.__version__, triton=triton.__version__,
                 commit=(commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else ""),
                 python=sys.version.split()[0], argv=sys.argv, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
